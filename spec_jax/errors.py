@@ -1,0 +1,33 @@
+"""Project exceptions: each says what is wrong and how to fix it."""
+
+
+class SpecJaxError(Exception):
+    """Base class for every error spec-jax raises on purpose."""
+
+
+class CheckpointError(SpecJaxError):
+    """A checkpoint or model file is missing, truncated or corrupt."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """A named model or a model path could not be found."""
+
+
+class UnsupportedArchitectureError(SpecJaxError):
+    """The checkpoint describes an architecture spec-jax does not implement."""
+
+
+class InvalidArgumentError(SpecJaxError, ValueError):
+    """A user-supplied argument (sampling parameter, prompt, length) is invalid."""
+
+
+class CacheOverflowError(InvalidArgumentError):
+    """The prompt plus the requested generation (or draft tree) does not fit the KV cache."""
+
+
+class TokenizerMismatchError(SpecJaxError):
+    """Draft and target models do not share a vocabulary or tokenizer."""
+
+
+class DataFormatError(SpecJaxError):
+    """A data file (prompt set, calibration file, drafter state) is malformed."""

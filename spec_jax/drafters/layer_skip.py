@@ -1,0 +1,155 @@
+"""`layer_skip`: self-speculative decoding by skipping target layers (Draft & Verify, Zhang et al.
+2024; SWIFT, Xia et al. 2024).
+
+The target itself drafts with a static subset of its layers, writing K/V of the layers it runs
+into the target cache's scratch region; verification then overwrites those slots for all layers.
+`search_skip_set` picks the layers to skip on calibration text and `save_skip_set` /
+`load_skip_set` keep the choice in a JSON file for `--method layer_skip`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spec_jax.drafters.base import Drafter, StepContext, StepResult
+from spec_jax.drafters.chain import draft_chain
+from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.models import Config, forward, init_cache
+from spec_jax.policies import FixedLength, LengthPolicy
+from spec_jax.trees import TreeTemplate
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkip(Drafter):
+    skip: tuple[int, ...] = ()
+    policy: LengthPolicy = FixedLength(4)
+    name = "layer_skip"
+
+    @property
+    def template(self) -> TreeTemplate:
+        return TreeTemplate.chain(self.policy.k)
+
+    def check(self, cfg: Config, params) -> None:
+        bad = [i for i in self.skip if not 0 <= i < cfg.num_layers]
+        if bad or len(set(self.skip)) >= cfg.num_layers:
+            raise InvalidArgumentError(
+                f"skip set {list(self.skip)} is invalid for a {cfg.num_layers}-layer model: layers "
+                "must be distinct indices in range, and at least one layer must remain")
+
+    def kept_layers(self, cfg: Config) -> tuple[int, ...]:
+        return tuple(i for i in range(cfg.num_layers) if i not in set(self.skip))
+
+    def init(self, params, cfg, batch, cache_size):
+        return {"policy": self.policy.init(batch)}
+
+    def propose(self, params, state, ctx: StepContext):
+        layers = self.kept_layers(ctx.cfg)
+
+        def model_step(cache, tokens, positions):
+            out = forward(ctx.target_params, ctx.cfg, tokens, positions, cache.replace(lengths=positions[:, 0]),
+                          layers=layers, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
+            return out.logits[:, 0], out.cache.replace(lengths=ctx.lengths)
+
+        tree, cache = draft_chain(model_step, ctx.cache, ctx.pending[:, None], ctx.lengths[:, None],
+                                  self.policy, state["policy"], ctx.sampling, ctx.rng)
+        return tree, state, cache
+
+    def observe(self, params, state, result: StepResult):
+        drafted = jnp.sum(result.tree.valid, axis=1)
+        return {"policy": self.policy.update(state["policy"], result.num_accepted, drafted, result.active)}
+
+
+# ----------------------------------------------------------------------------- skip-set search
+
+def _agreement(params, cfg: Config, tokens_BxT, mask_BxT, full_top1, layers) -> float:
+    """Share of positions where the layer-subset model's argmax equals the full model's."""
+    B, T = tokens_BxT.shape
+    cache = init_cache(cfg, B, T)
+    out = forward(params, cfg, tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)), cache, layers=layers)
+    hit = (jnp.argmax(out.logits, -1) == full_top1) & mask_BxT
+    return float(jnp.sum(hit) / jnp.sum(mask_BxT))
+
+
+def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_skip: int | None = None,
+                    k: int = 4, candidates: int = 6, progress=None) -> dict:
+    """Greedy skip-set search on calibration sequences (target outputs, teacher-forced).
+
+    Layers are added to the skip set one at a time, each time the layer (among the `candidates`
+    least important ones when skipped alone) whose removal keeps the draft's top-1 agreement with
+    the full model highest (SWIFT's objective, searched greedily
+    instead of by Bayesian optimisation). Each candidate set is scored by the speedup a chain of
+    `k` drafts would give with acceptance rate a = agreement and draft cost r = kept/total layers:
+    (1 - a^(k+1)) / (1 - a) tokens per (k * r + 1) full forwards; the best set is returned.
+    """
+    L = cfg.num_layers
+    max_skip = L - 1 if max_skip is None else max_skip
+    T = max(len(c) for c in calibration)
+    toks = np.zeros((len(calibration), T), np.int32)
+    mask = np.zeros((len(calibration), T), bool)
+    for i, c in enumerate(calibration):
+        toks[i, : len(c)] = c
+        mask[i, : len(c)] = True
+    toks, mask = jnp.asarray(toks), jnp.asarray(mask)
+    full = forward(params, cfg, toks, jnp.broadcast_to(jnp.arange(T), toks.shape), init_cache(cfg, len(calibration), T))
+    top1 = jnp.argmax(full.logits, -1)
+
+    def speedup(a: float, kept: int) -> float:
+        a = min(a, 0.999999)
+        return (1 - a ** (k + 1)) / (1 - a) / (k * kept / L + 1)
+
+    skip: list[int] = []
+    history = []
+    best = {"skip": [], "agreement": 1.0, "predicted_speedup": 1.0}
+    # Single-layer importance, computed once, limits each greedy round to the most promising layers.
+    alone = {layer: _agreement(params, cfg, toks, mask, top1, tuple(i for i in range(L) if i != layer))
+             for layer in range(L)}
+    while len(skip) < max_skip:
+        trials = []
+        pool = sorted((x for x in range(L) if x not in skip), key=lambda x: -alone[x])[:candidates]
+        for layer in pool:
+            cand = sorted(skip + [layer])
+            kept = tuple(i for i in range(L) if i not in cand)
+            trials.append((_agreement(params, cfg, toks, mask, top1, kept), layer))
+            if progress:
+                progress()
+        a, layer = max(trials)
+        skip = sorted(skip + [layer])
+        s = speedup(a, L - len(skip))
+        history.append({"skip": list(skip), "agreement": a, "predicted_speedup": s})
+        if s > best["predicted_speedup"]:
+            best = history[-1]
+    return {"skip": best["skip"], "agreement": best["agreement"], "predicted_speedup": best["predicted_speedup"],
+            "k": k, "num_layers": L, "history": history}
+
+
+def save_skip_set(result: dict, path: str | os.PathLike, model: str) -> Path:
+    """Write the search result as JSON (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"model": model, **result}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[int, ...]:
+    """Read a skip set written by `save_skip_set`, checking it fits the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such skip-set file; create one with `spec-jax search-skip`")
+    try:
+        data = json.loads(path.read_text())
+        skip = tuple(int(i) for i in data["skip"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a skip-set file ({e}); expected JSON with a 'skip' list") from e
+    if data.get("num_layers", cfg.num_layers) != cfg.num_layers:
+        raise DataFormatError(f"{path}: skip set is for a {data['num_layers']}-layer model, "
+                              f"this model has {cfg.num_layers} layers")
+    return skip

@@ -1,0 +1,1 @@
+"""Benchmarks: packaged prompt sets, workers that time one method each, reports."""

@@ -1,0 +1,21 @@
+import jax
+import numpy as np
+import pytest
+
+from spec_jax.models import Config, init_params
+
+TINY = Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, eos_token_ids=(), max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random fp32 Llama (4 layers so layer skipping has something to skip)."""
+    cfg = TINY.replace(num_layers=4)
+    return init_params(cfg, jax.random.key(0)), cfg
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 256, size=n).tolist() for n in (3, 7, 12)]

@@ -1,0 +1,76 @@
+"""Verification-shaped forwards: T tokens equal T one-token steps; tree branches equal lone decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spec_jax.models import commit, forward, init_cache
+from spec_jax.trees import TreeTemplate, with_root
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _prefill(params, cfg, ids, size=64):
+    B, T = ids.shape
+    out = forward(params, cfg, ids, jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(cfg, B, size))
+    return out, out.cache.replace(lengths=jnp.full((B,), T, jnp.int32))
+
+
+def test_block_equals_steps(tiny):
+    params, cfg = tiny
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    _, cache = _prefill(params, cfg, ids[:, :4])
+    block = forward(params, cfg, ids[:, 4:], 4 + jnp.broadcast_to(jnp.arange(5), (2, 5)), cache).logits
+    steps = []
+    for t in range(4, 9):
+        out = forward(params, cfg, ids[:, t:t + 1], jnp.full((2, 1), t), cache)
+        cache = out.cache.replace(lengths=cache.lengths + 1)
+        steps.append(out.logits)
+    np.testing.assert_allclose(block, jnp.concatenate(steps, 1), **TOL)
+
+
+def test_jit_equals_eager(tiny):
+    params, cfg = tiny
+    ids = jax.random.randint(jax.random.key(2), (1, 6), 0, cfg.vocab_size)
+    pos = jnp.arange(6)[None]
+    eager = forward(params, cfg, ids, pos, init_cache(cfg, 1, 16)).logits
+    jitted = jax.jit(forward, static_argnums=1)(params, cfg, ids, pos, init_cache(cfg, 1, 16)).logits
+    np.testing.assert_allclose(eager, jitted, **TOL)
+
+
+def test_tree_branches_match_lone_decoding(tiny):
+    params, cfg = tiny
+    prompt = jax.random.randint(jax.random.key(3), (1, 5), 0, cfg.vocab_size)
+    _, cache = _prefill(params, cfg, prompt)
+    template = TreeTemplate.kary((2, 2))
+    node_tokens = jax.random.randint(jax.random.key(4), (1, template.num_nodes), 0, cfg.vocab_size)
+    tree = template.build(node_tokens)
+    root = jnp.asarray([7])
+    tokens, positions, mask = with_root(tree, root, cache.lengths)
+    tree_logits = forward(params, cfg, tokens, positions, cache, mask).logits
+    parents = template.parents
+    for i in range(template.num_nodes):
+        branch = [i]
+        while parents[branch[0]] >= 0:
+            branch.insert(0, int(parents[branch[0]]))
+        seq = jnp.concatenate([root, node_tokens[0, jnp.asarray(branch)]])[None]
+        alone = forward(params, cfg, seq, 5 + jnp.arange(seq.shape[1])[None], cache).logits
+        np.testing.assert_allclose(tree_logits[0, i + 1], alone[0, -1], **TOL)
+
+
+def test_commit_equals_prefill_of_accepted(tiny):
+    params, cfg = tiny
+    prompt = jax.random.randint(jax.random.key(5), (1, 4), 0, cfg.vocab_size)
+    _, cache = _prefill(params, cfg, prompt, size=32)
+    template = TreeTemplate.kary((2, 2))
+    node_tokens = jax.random.randint(jax.random.key(6), (1, template.num_nodes), 0, cfg.vocab_size)
+    tokens, positions, mask = with_root(template.build(node_tokens), jnp.asarray([9]), cache.lengths)
+    out = forward(params, cfg, tokens, positions, cache, mask)
+    # Accept root -> node 1 (2nd child) -> its 1st child.
+    path_nodes = [0, 2, 1 + list(template.paths).index((1, 0))]
+    committed = commit(out.cache, jnp.asarray([path_nodes]), jnp.asarray([3]))
+    seq = jnp.concatenate([prompt, tokens[:, jnp.asarray(path_nodes)]], axis=1)
+    _, ref = _prefill(params, cfg, seq, size=32)
+    assert int(committed.lengths[0]) == 7
+    for a, b in zip(committed.k + committed.v, ref.k + ref.v, strict=True):
+        np.testing.assert_allclose(a[:, :7], b[:, :7], **TOL)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.decoding.engine import DecodeState, Engine
+from spec_jax.models.llama import shard_cache
+from spec_jax.sharding import batch_sharding
 
 
 @dataclasses.dataclass
@@ -57,15 +59,26 @@ class Generation:
         }
 
 
+def shard_state(state: DecodeState, mesh) -> DecodeState:
+    """Place a decode state on the mesh: the cache by its logical axes, per-sequence arrays by batch."""
+    B = state.tokens.shape[0]
+    per_seq = lambda x: jax.device_put(x, batch_sharding(x, mesh) if np.ndim(x) and np.shape(x)[0] == B
+                                       else batch_sharding(np.zeros(()), mesh))
+    rest = jax.tree.map(per_seq, state.replace(cache=None))
+    return rest.replace(cache=shard_cache(state.cache, mesh))
+
+
 def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: int, *, seed: int = 0,
              draft_params=None, cache_size: int | None = None,
              stream: Callable[[list[list[int]]], None] | None = None, chunk_steps: int = 16,
-             shardings=None) -> Generation:
+             mesh=None) -> Generation:
     """Generate up to `max_new_tokens` for each prompt with the engine's drafter and sampling.
 
     With `stream`, the device loop runs `chunk_steps` steps at a time and `stream` receives the
     tokens generated so far after each chunk; otherwise the whole loop is one device call.
-    `shardings` is an optional `(state -> state)` placement function applied after prefill.
+    With a `mesh`, params are expected on it (`models.llama.shard_params`) and the decode state is
+    placed on it after prefill (batch over `data`, KV heads over `model`); jit then propagates the
+    shardings through the loop.
     """
     padded, lens = engine.pad_prompts(prompts)
     size = cache_size or engine.cache_size(int(lens.max()), max_new_tokens)
@@ -75,8 +88,8 @@ def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: i
     state: DecodeState = engine.prefill(params, draft_params, jnp.asarray(padded), jnp.asarray(lens),
                                         jnp.full((len(prompts),), max_new_tokens, jnp.int32),
                                         jax.random.key(seed), size)
-    if shardings is not None:
-        state = shardings(state)
+    if mesh is not None:
+        state = shard_state(state, mesh)
     jax.block_until_ready(state.tokens)
     t_first = time.perf_counter() - t0
     if stream is not None:

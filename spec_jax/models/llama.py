@@ -481,3 +481,19 @@ def truncate(params, cfg: Config, num_layers: int):
     keep = {k: v for k, v in params.items()
             if not k.startswith("layers_") or int(k.split("_")[1]) < num_layers}
     return keep, cfg.replace(num_layers=num_layers)
+
+
+def shard_params(params, cfg: Config, mesh):
+    """Place params on `mesh` following their logical axes (see `spec_jax.sharding.RULES`)."""
+    from spec_jax.sharding import tree_shardings
+
+    return jax.device_put(params, tree_shardings(param_logical_axes(cfg), params, mesh))
+
+
+def shard_cache(cache: KVCache, mesh) -> KVCache:
+    """Batch over `data`, KV heads over `model` (replicated where the mesh does not divide them)."""
+    from spec_jax.sharding import logical_sharding
+
+    kv = lambda x: jax.device_put(x, logical_sharding(("batch", "seq", "kv_heads", "head_dim"), x.shape, mesh))
+    return KVCache(k=tuple(map(kv, cache.k)), v=tuple(map(kv, cache.v)),
+                   lengths=jax.device_put(cache.lengths, logical_sharding(("batch",), cache.lengths.shape, mesh)))

@@ -1,0 +1,36 @@
+"""The embedded SmolLM2-135M-Instruct: our GGUF loader against transformers' on the same file."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from spec_jax.decoding import Engine, generate  # noqa: E402
+from spec_jax.models import forward, init_cache  # noqa: E402
+from spec_jax.models.registry import load_model, load_tokenizer, resolve  # noqa: E402
+
+pytestmark = pytest.mark.real_model
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def both():
+    from transformers import AutoModelForCausalLM
+
+    path = resolve("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    params, cfg = load_model("smollm2-135m")
+    return hf, params, cfg, load_tokenizer("smollm2-135m")
+
+
+def test_logits_and_greedy_match_transformers(both):
+    hf, params, cfg, tok = both
+    for text in PROMPTS:
+        ids = tok(text).input_ids
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits.numpy()
+            hf_gen = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        got = forward(params, cfg, np.asarray([ids]), np.arange(len(ids))[None], init_cache(cfg, 1, 64)).logits
+        # Both dequantise the same Q4_1/Q8_0 bytes; differences are fp32 summation order only.
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-3)
+        assert generate(Engine(cfg), params, [ids], 32).token_ids[0] == hf_gen

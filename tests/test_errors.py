@@ -6,7 +6,12 @@ import jax
 import pytest
 
 from spec_jax.cli import main
-from spec_jax.errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
+from spec_jax.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+)
 from spec_jax.models import init_params
 from spec_jax.models.loading import export_hf, load_gguf, load_hf
 from spec_jax.models.registry import MODELS, PackagedModel, load_model

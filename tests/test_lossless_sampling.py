@@ -16,9 +16,9 @@ import pytest
 
 from spec_jax import sampling as sp
 from spec_jax.decoding.verify import verify
+from spec_jax.trees import TreeTemplate
 
 verify_mod = importlib.import_module("spec_jax.decoding.verify")
-from spec_jax.trees import TreeTemplate
 
 V, N_SAMPLES = 5, 40_000
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult

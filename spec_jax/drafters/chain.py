@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from spec_jax import sampling as sp
-from spec_jax.policies import LengthPolicy
+from spec_jax.drafters.base import Drafter, StepResult
+from spec_jax.policies import FixedLength, LengthPolicy
 from spec_jax.trees import DraftTree, TreeTemplate
 
 # model_step(cache, tokens[B, T], positions[B, T]) -> (logits[B, V] of the last token, cache); the
@@ -55,3 +57,18 @@ def draft_chain(model_step: ModelStep, cache, first_tokens_BxT, first_positions_
     _, _, cache, tokens, qs, valid, _, _ = jax.lax.while_loop(
         lambda c: (c[0] < K) & jnp.any(c[6]), body, init)
     return TreeTemplate.chain(K).build(tokens, q=qs, valid_BxN=valid), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainDrafter(Drafter):
+    """Base of drafters that propose one chain of up to `policy.k` tokens and adapt its length."""
+
+    policy: LengthPolicy = FixedLength(5)
+
+    @property
+    def template(self) -> TreeTemplate:
+        return TreeTemplate.chain(self.policy.k)
+
+    def observe(self, params, state, result: StepResult):
+        drafted = jnp.sum(result.tree.valid, axis=1)
+        return {**state, "policy": self.policy.update(state["policy"], result.num_accepted, drafted, result.active)}

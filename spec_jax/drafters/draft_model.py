@@ -11,23 +11,16 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult
-from spec_jax.drafters.chain import draft_chain
+from spec_jax.drafters.base import PrefillContext, StepContext
+from spec_jax.drafters.chain import ChainDrafter, draft_chain
 from spec_jax.errors import TokenizerMismatchError
 from spec_jax.models import Config, forward, init_cache
-from spec_jax.policies import FixedLength, LengthPolicy
-from spec_jax.trees import TreeTemplate
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModel(Drafter):
+class DraftModel(ChainDrafter):
     draft_cfg: Config = None
-    policy: LengthPolicy = FixedLength(5)
     name = "draft"
-
-    @property
-    def template(self) -> TreeTemplate:
-        return TreeTemplate.chain(self.policy.k)
 
     def check(self, cfg: Config, params) -> None:
         if self.draft_cfg is None or params is None:
@@ -62,8 +55,3 @@ class DraftModel(Drafter):
         tree, cache = draft_chain(self._step(params), state["cache"], first, positions, self.policy,
                                   state["policy"], ctx.sampling, ctx.rng)
         return tree, {**state, "cache": cache}, ctx.cache
-
-    def observe(self, params, state, result: StepResult):
-        drafted = jnp.sum(result.tree.valid, axis=1)
-        pol = self.policy.update(state["policy"], result.num_accepted, drafted, result.active)
-        return {**state, "policy": pol}

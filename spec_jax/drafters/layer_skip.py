@@ -17,23 +17,18 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.drafters.base import Drafter, StepContext, StepResult
-from spec_jax.drafters.chain import draft_chain
+from spec_jax.drafters.base import StepContext
+from spec_jax.drafters.chain import ChainDrafter, draft_chain
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.models import Config, forward, init_cache
 from spec_jax.policies import FixedLength, LengthPolicy
-from spec_jax.trees import TreeTemplate
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSkip(Drafter):
+class LayerSkip(ChainDrafter):
     skip: tuple[int, ...] = ()
     policy: LengthPolicy = FixedLength(4)
     name = "layer_skip"
-
-    @property
-    def template(self) -> TreeTemplate:
-        return TreeTemplate.chain(self.policy.k)
 
     def check(self, cfg: Config, params) -> None:
         bad = [i for i in self.skip if not 0 <= i < cfg.num_layers]
@@ -59,10 +54,6 @@ class LayerSkip(Drafter):
         tree, cache = draft_chain(model_step, ctx.cache, ctx.pending[:, None], ctx.lengths[:, None],
                                   self.policy, state["policy"], ctx.sampling, ctx.rng)
         return tree, state, cache
-
-    def observe(self, params, state, result: StepResult):
-        drafted = jnp.sum(result.tree.valid, axis=1)
-        return {"policy": self.policy.update(state["policy"], result.num_accepted, drafted, result.active)}
 
 
 # ----------------------------------------------------------------------------- skip-set search

@@ -137,6 +137,16 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     return mask
 
 
+def ancestor_mask_from_parents(parents_BxN: jax.Array) -> jax.Array:
+    """Traced `ancestor_mask` for trees built at run time: [B, N, N] from parents[B, N] (-1 = root)."""
+    B, N = parents_BxN.shape
+    step = jnp.eye(N, dtype=jnp.float32) + jax.nn.one_hot(parents_BxN, N, dtype=jnp.float32)  # -1 -> zeros
+    mask = jnp.broadcast_to(step, (B, N, N))
+    for _ in range(max(1, int(np.ceil(np.log2(max(N, 2)))))):  # transitive closure by squaring
+        mask = (jnp.einsum("bij,bjk->bik", mask, mask) > 0).astype(jnp.float32)
+    return mask > 0
+
+
 def with_root(tree: DraftTree, root_tokens_B: jax.Array, lengths_B: jax.Array):
     """Verification inputs: tokens, positions and mask for [root, nodes] ([B, 1+N] each)."""
     B, N = tree.tokens.shape

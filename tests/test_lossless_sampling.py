@@ -113,10 +113,12 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
         _assert_matches(counts, law)
 
 
-def test_engine_chain_sampling_matches_ar(tiny):
-    """End to end: the first two tokens from the draft-model engine follow AR sampling's law."""
+@pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk"])
+def test_engine_sampling_matches_ar(drafter):
+    """End to end: the first three tokens from the draft-model engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
-    from spec_jax.drafters.draft_model import DraftModel
+    from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
+    from spec_jax.drafters.dynamic_tree import DynamicTree
     from spec_jax.models import Config, init_params, truncate
     from spec_jax.policies import make_policy
 
@@ -130,15 +132,20 @@ def test_engine_chain_sampling_matches_ar(tiny):
 
     def joint(engine, dp, seed):
         padded, lens = engine.pad_prompts(prompt)
-        size = engine.cache_size(3, 2)
+        size = engine.cache_size(3, 3)
         st = engine.prefill(params, dp, jnp.asarray(padded), jnp.asarray(lens),
-                            jnp.full((len(prompt),), 2, jnp.int32), jax.random.key(seed), size)
+                            jnp.full((len(prompt),), 3, jnp.int32), jax.random.key(seed), size)
         st = engine.run(params, dp, st, jnp.int32(1 << 30))
-        toks = np.asarray(st.tokens[:, 3:5])
-        return np.bincount(toks[:, 0] * 8 + toks[:, 1], minlength=64)
+        toks = np.asarray(st.tokens[:, 3:6])
+        return np.bincount(toks[:, 0] * 64 + toks[:, 1] * 8 + toks[:, 2], minlength=512)
 
     ar = sum(joint(Engine(cfg, sampling=s), None, seed) for seed in range(2))
-    spec_engine = Engine(cfg, DraftModel(draft_cfg=dcfg, policy=make_policy("fixed", 3)), s)
+    spec_drafter = {
+        "chain": DraftModel(draft_cfg=dcfg, policy=make_policy("fixed", 3)),
+        "tree_sampled": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, sampled=True)),
+        "tree_topk": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
+    }[drafter]
+    spec_engine = Engine(cfg, spec_drafter, s)
     spec = sum(joint(spec_engine, dparams, seed + 100) for seed in range(2))
     # Two-sample chi-square between the AR and speculative samples.
     keep = (ar + spec) >= 10

@@ -265,17 +265,22 @@ def commit(cache: KVCache, path_BxP: Array, num_B: Array) -> KVCache:
     return KVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), lengths=new_lengths)
 
 
-def attention_mask(lengths_B: Array, size: int, tree_mask_BxTxT: Array | None, t: int) -> Array:
-    """[B, T, S] mask: committed slots plus the new block's causal or tree mask."""
+def attention_mask(lengths_B: Array, size: int, tree_mask_BxTxC: Array | None, t: int) -> Array:
+    """[B, T, S] mask: committed slots plus the new block's causal or tree mask.
+
+    A tree mask `[B, T, C]` (C >= T) covers the C scratch slots from `lengths`: the first C - T
+    were written by earlier calls (a drafter growing a tree level by level), the last T are the
+    new tokens.
+    """
     rel_BxTxS = (jnp.arange(size)[None, None, :] - lengths_B[:, None, None]).astype(jnp.int32)
     rel_BxTxS = jnp.broadcast_to(rel_BxTxS, (lengths_B.shape[0], t, size))
     committed = rel_BxTxS < 0
-    in_block = (rel_BxTxS >= 0) & (rel_BxTxS < t)
-    if tree_mask_BxTxT is None:
-        new = in_block & (rel_BxTxS <= jnp.arange(t)[None, :, None])
+    if tree_mask_BxTxC is None:
+        new = (rel_BxTxS >= 0) & (rel_BxTxS <= jnp.arange(t)[None, :, None])
     else:
-        idx = jnp.clip(rel_BxTxS, 0, t - 1)
-        new = in_block & jnp.take_along_axis(tree_mask_BxTxT, idx, axis=2)
+        c = tree_mask_BxTxC.shape[2]
+        idx = jnp.clip(rel_BxTxS, 0, c - 1)
+        new = (rel_BxTxS >= 0) & (rel_BxTxS < c) & jnp.take_along_axis(tree_mask_BxTxC, idx, axis=2)
     return committed | new
 
 
@@ -397,16 +402,23 @@ class Transformer(nn.Module):
                                   param_dtype=dt)
 
     def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, tree_mask=None, layers=None,
-                 return_hidden=(), logits_at=None, compute_logits=True):
+                 return_hidden=(), logits_at=None, compute_logits=True, layer_gates=None):
         cfg = self.cfg
         layers = range(cfg.num_layers) if layers is None else layers
         x = self.embed_tokens(tokens_BxT)
-        mask = attention_mask(cache.lengths, cache.size, tree_mask, tokens_BxT.shape[1])
+        T = tokens_BxT.shape[1]
+        mask = attention_mask(cache.lengths, cache.size, tree_mask, T)
+        write_at = cache.lengths if tree_mask is None else cache.lengths + (tree_mask.shape[2] - T)
         k, v = list(cache.k), list(cache.v)
         hidden = {0: x} if 0 in return_hidden else {}
         for i in layers:
             with jax.named_scope(f"layer_{i}"):
-                x, k[i], v[i] = self.layers[i](x, positions_BxT, mask, k[i], v[i], cache.lengths)
+                y, k_i, v_i = self.layers[i](x, positions_BxT, mask, k[i], v[i], write_at)
+            if layer_gates is None:
+                x, k[i], v[i] = y, k_i, v_i
+            else:  # a traced skip mask: a gated-off layer passes the residual stream through
+                x = jnp.where(layer_gates[i], y, x)
+                k[i], v[i] = k_i, v_i
             if i + 1 in return_hidden:
                 hidden[i + 1] = x
         new_cache = KVCache(k=tuple(k), v=tuple(v), lengths=cache.lengths)
@@ -432,18 +444,21 @@ class Transformer(nn.Module):
 def forward(params, cfg: Config, tokens_BxT: Array, positions_BxT: Array, cache: KVCache,
             tree_mask_BxTxT: Array | None = None, layers: tuple[int, ...] | None = None,
             return_hidden: tuple[int, ...] = (), logits_at: Array | None = None,
-            compute_logits: bool = True) -> Output:
+            compute_logits: bool = True, layer_gates: Array | None = None) -> Output:
     """Run T new tokens against the committed cache; returns logits, hidden states and the cache.
 
     New K/V entries are written at slots `cache.lengths[b] + t`; `cache.lengths` is returned
     unchanged (use `commit` to advance it). `tree_mask[b, i, j]` (True when j is i or an ancestor of
-    i) replaces the causal mask among the new tokens. `layers` runs a static subset of layers
-    (layer skipping, early exit); `return_hidden` names residual-stream depths to return;
-    `logits_at[B, K]` restricts the head to those token indices.
+    i) replaces the causal mask among the new tokens; a `[B, T, C]` mask also sees the C - T
+    scratch entries before them, and the new entries go to `lengths + C - T` (see `attention_mask`).
+    `layers` runs a static subset of layers (layer skipping, early exit); `layer_gates[L]` (bool,
+    traced) skips layers without recompiling, at the cost of computing them (skip-set search);
+    `return_hidden` names residual-stream depths to return; `logits_at[B, K]` restricts the head
+    to those token indices.
     """
     return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, cache,
                                   tree_mask_BxTxT, layers, tuple(return_hidden), logits_at,
-                                  compute_logits)
+                                  compute_logits, layer_gates)
 
 
 def head(params, cfg: Config, hidden_BxTxE: Array) -> Array:

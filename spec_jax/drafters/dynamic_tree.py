@@ -1,0 +1,151 @@
+"""Dynamic draft trees grown at run time under a node budget (EAGLE-2, Li et al. 2024; DySpec).
+
+A drafting model expands the tree level by level: at each depth the `width` candidates with the
+highest cumulative draft log-probability are fed to it together (one forward with a tree mask
+over the scratch entries of their ancestors), and each gets `k` children. At the end the
+`budget` candidates with the highest cumulative log-probability are kept; cumulative scores never
+increase along a path, so the kept set is closed under ancestors and forms a tree.
+
+Children are either the draft's top-k (deterministic: verified with the point-mass rule, or
+greedily) or `k` i.i.d. samples from the draft distribution q (verified by recursive rejection
+sampling, SpecInfer). With sampled children a node's siblings must be kept or dropped together
+(dropping one sample because of its value would bias the rest), so that mode keeps every
+candidate and the budget is the full expansion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from spec_jax import sampling as sp
+from spec_jax.errors import InvalidArgumentError
+from spec_jax.trees import DraftTree, ancestor_mask_from_parents
+
+# tree_step(cache, tokens[B, W], positions[B, W], tree_mask[B, W, C]) -> (logits[B, W, V], cache):
+# the W tokens attend to the committed cache and to the scratch slots their mask row allows; their
+# entries are written at the last W of the C scratch slots.
+TreeStep = Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """Shape bounds of a dynamic tree: `depth` levels, `width` nodes expanded per level, `k`
+    children per expanded node, `budget` nodes kept (deterministic children only)."""
+
+    depth: int = 4
+    width: int = 4
+    k: int = 4
+    budget: int = 16
+    sampled: bool = False  # children drawn i.i.d. from q instead of q's top-k
+
+    def __post_init__(self):
+        if min(self.depth, self.width, self.k, self.budget) < 1:
+            raise InvalidArgumentError(f"dynamic tree sizes must be >= 1, got {self}")
+        if self.width > self.k:
+            raise InvalidArgumentError(f"width {self.width} > k {self.k}: the first level has only k candidates")
+        if self.budget > self.num_candidates and not self.sampled:
+            raise InvalidArgumentError(
+                f"budget {self.budget} exceeds the {self.num_candidates} candidates that depth "
+                f"{self.depth}, width {self.width} and k {self.k} produce")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.k + (self.depth - 1) * self.width * self.k
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_candidates if self.sampled else self.budget
+
+    @property
+    def num_fed(self) -> int:
+        """Scratch entries the drafting model writes (every expanded node)."""
+        return (self.depth - 1) * self.width
+
+
+def _children(key, logits_BxWxV, spec: DynamicTree, s: sp.Sampling):
+    """k children per expanded node: (tokens, log q of each, q or None), each [B, W*k(, V)]."""
+    B, W, V = logits_BxWxV.shape
+    q = sp.probs(logits_BxWxV, s) if not s.greedy else jax.nn.softmax(logits_BxWxV, -1)
+    logq = jnp.log(jnp.maximum(q, 1e-30))
+    if spec.sampled:
+        toks = jax.random.categorical(key, logq[:, :, None, :], axis=-1, shape=(B, W, spec.k))
+        toks = toks.astype(jnp.int32)
+        qs = jnp.broadcast_to(q[:, :, None, :], (B, W, spec.k, V)).reshape(B, W * spec.k, V)
+    else:
+        toks = jax.lax.top_k(logq, spec.k)[1].astype(jnp.int32)
+        qs = None
+    lq = jnp.take_along_axis(logq, toks, axis=2)
+    return toks.reshape(B, W * spec.k), lq.reshape(B, W * spec.k), qs
+
+
+def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_position_B, spec: DynamicTree,
+                       s: sp.Sampling, rng) -> tuple[DraftTree, jax.Array, object]:
+    """Grow a tree below the root; returns it, each node's scratch offset (-1: not fed), and the cache.
+
+    `root_logits` are the drafting model's logits for the root's successors; node positions are
+    `root_position + depth`.
+    """
+    B = root_logits_BxV.shape[0]
+    W, k = spec.width, spec.k
+    keys = jax.random.split(rng, spec.depth)
+    toks, score, qs = _children(keys[0], root_logits_BxV[:, None], spec, s)
+    cand_tok, cand_score, cand_parent = [toks], [score], [jnp.full((B, k), -1, jnp.int32)]
+    cand_depth, cand_q, cand_fed = [jnp.ones((B, k), jnp.int32)], [qs], [jnp.full((B, k), -1, jnp.int32)]
+    fed_mask = jnp.zeros((B, 0, 0), bool)  # among fed slots: row i sees its fed ancestors and itself
+    level_tok, level_score, level_start = toks, score, 0
+    level_parent_fed = cand_fed[0]  # fed slot of each level candidate's parent (-1: the root)
+    for d in range(1, spec.depth):
+        # Expand the `width` best candidates of the current level.
+        n_fed = fed_mask.shape[1]
+        top = jax.lax.top_k(level_score, W)[1]  # [B, W] indices within the level
+        f_tok = jnp.take_along_axis(level_tok, top, 1)
+        f_score = jnp.take_along_axis(level_score, top, 1)
+        f_parent_slot = jnp.take_along_axis(level_parent_fed, top, 1)
+        parent_rows = jnp.take_along_axis(
+            jnp.pad(fed_mask, ((0, 0), (0, 1), (0, 0))), jnp.where(f_parent_slot < 0, n_fed, f_parent_slot)[:, :, None],
+            axis=1)  # [B, W, n_fed]
+        rows = jnp.concatenate([parent_rows, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))], axis=2)
+        fed_mask = jnp.concatenate([jnp.pad(fed_mask, ((0, 0), (0, 0), (0, W))), rows], axis=1)
+        # Record which level candidates were fed and where.
+        fed_here = jnp.full(level_tok.shape, -1, jnp.int32)
+        fed_here = jax.vmap(lambda f, t: f.at[t].set(n_fed + jnp.arange(W, dtype=jnp.int32)))(fed_here, top)
+        cand_fed[-1] = fed_here
+        logits, cache = tree_step(cache, f_tok, (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32), rows)
+        toks, lq, qs = _children(keys[d], logits, spec, s)
+        score = jnp.repeat(f_score, k, axis=1) + lq
+        parent_idx = level_start + top  # candidate index of each expanded node
+        cand_tok.append(toks)
+        cand_score.append(score)
+        cand_parent.append(jnp.repeat(parent_idx, k, axis=1).astype(jnp.int32))
+        cand_depth.append(jnp.full((B, W * k), d + 1, jnp.int32))
+        cand_q.append(qs)
+        cand_fed.append(jnp.full((B, W * k), -1, jnp.int32))
+        level_start += level_tok.shape[1]
+        level_tok, level_score = toks, score
+        level_parent_fed = jnp.repeat(n_fed + jnp.arange(W, dtype=jnp.int32)[None], k, axis=1) + jnp.zeros(
+            (B, 1), jnp.int32)
+
+    cat = lambda xs: jnp.concatenate(xs, axis=1)
+    tok, score, parent, depth, fed = map(cat, (cand_tok, cand_score, cand_parent, cand_depth, cand_fed))
+    q = cat(cand_q) if spec.sampled else None
+    if spec.sampled:  # siblings are kept together: the whole expansion is the tree
+        return _tree(tok, parent, depth, q), fed, cache
+    # Keep the best `budget` candidates; a tiny depth penalty breaks parent/child ties toward the parent.
+    keep = jax.lax.top_k(score - 1e-6 * depth, spec.budget)[1]
+    keep = jnp.sort(keep, axis=1)  # candidate order is breadth-first, so sorted indices stay so
+    new_index = jax.vmap(lambda kp: jnp.full((tok.shape[1],), -1, jnp.int32).at[kp].set(
+        jnp.arange(spec.budget, dtype=jnp.int32)))(keep)
+    take = lambda a: jnp.take_along_axis(a, keep, axis=1)
+    kept_parent = take(parent)
+    new_parent = jnp.where(kept_parent < 0, -1, jnp.take_along_axis(new_index, jnp.maximum(kept_parent, 0), 1))
+    return _tree(take(tok), new_parent, take(depth), None), take(fed), cache
+
+
+def _tree(tokens, parents, depth, q) -> DraftTree:
+    B, N = tokens.shape
+    return DraftTree(tokens=tokens, parents=parents, depth=depth, mask=ancestor_mask_from_parents(parents),
+                     valid=jnp.ones((B, N), bool), q=q)

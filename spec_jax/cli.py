@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spec_jax.errors import InvalidArgumentError, SpecJaxError
 
-METHODS = ("ar", "draft", "layer_skip")
+METHODS = ("ar", "draft", "draft_tree", "layer_skip")
 
 
 def _enable_compilation_cache() -> None:
@@ -36,14 +36,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="ar", choices=METHODS, help="decoding method")
+    add_drafter_args(p)
+
+
+def add_drafter_args(p: argparse.ArgumentParser) -> None:
+    """Settings of the drafters (shared by `generate` and `bench`)."""
     p.add_argument("--draft-model", help="draft model for --method draft (name, HF dir or .gguf); "
                    "default: the target's first --draft-layers layers as a stand-in")
     p.add_argument("--draft-layers", type=int, default=8,
                    help="layers of the stand-in early-exit draft model (when --draft-model is not given)")
-    p.add_argument("--draft-k", type=int, default=None, help="maximum draft length (default 5; 4 for layer_skip)")
+    p.add_argument("--draft-k", type=int, default=None,
+                   help="maximum draft length (default 5; for layer_skip, the k saved with the skip set)")
     p.add_argument("--length-policy", default="fixed", choices=["fixed", "heuristic", "svip"],
                    help="draft-length policy for chain drafters")
     p.add_argument("--skip-file", help="skip-set JSON written by `spec-jax search-skip` (layer_skip)")
+    t = p.add_argument_group("dynamic trees (draft_tree)")
+    t.add_argument("--tree-depth", type=int, default=4, help="levels of the tree")
+    t.add_argument("--tree-width", type=int, default=4, help="nodes expanded per level")
+    t.add_argument("--tree-k", type=int, default=4, help="children per expanded node")
+    t.add_argument("--tree-budget", type=int, default=12, help="nodes kept for verification")
+    t.add_argument("--sampled-children", action="store_true",
+                   help="draw children i.i.d. from the draft (recursive rejection sampling) instead of "
+                        "its top-k; keeps the whole expansion")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +71,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_method(args, params, cfg, target_tok=None):
     """(drafter, draft params) for `--method`."""
     from spec_jax.drafters import Drafter
-    from spec_jax.drafters.draft_model import DraftModel
+    from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
+    from spec_jax.drafters.dynamic_tree import DynamicTree
     from spec_jax.drafters.layer_skip import LayerSkip, load_skip_set
     from spec_jax.models import truncate
     from spec_jax.models.registry import check_same_tokenizer, load_model, load_tokenizer
@@ -65,20 +80,22 @@ def build_method(args, params, cfg, target_tok=None):
 
     if args.method == "ar":
         return Drafter(), None
-    if args.method == "draft":
-        policy = make_policy(args.length_policy, args.draft_k or 5)
+    if args.method in ("draft", "draft_tree"):
         if args.draft_model:
             dparams, dcfg = load_model(args.draft_model, args.dtype)
             check_same_tokenizer(target_tok, load_tokenizer(args.draft_model), cfg, dcfg)
         else:
             dparams, dcfg = truncate(params, cfg, args.draft_layers)
-        return DraftModel(draft_cfg=dcfg, policy=policy), dparams
+        if args.method == "draft_tree":
+            tree = DynamicTree(args.tree_depth, args.tree_width, args.tree_k, args.tree_budget, args.sampled_children)
+            return DraftModelTree(draft_cfg=dcfg, tree=tree), dparams
+        return DraftModel(draft_cfg=dcfg, policy=make_policy(args.length_policy, args.draft_k or 5)), dparams
     if args.method == "layer_skip":
         if not args.skip_file:
             raise InvalidArgumentError("--method layer_skip needs --skip-file; create one with "
                                        "`spec-jax search-skip --out skip.json`")
-        return LayerSkip(skip=load_skip_set(args.skip_file, cfg),
-                         policy=make_policy(args.length_policy, args.draft_k or 4)), None
+        skip, k = load_skip_set(args.skip_file, cfg)
+        return LayerSkip(skip=skip, policy=make_policy(args.length_policy, args.draft_k or k)), None
     raise InvalidArgumentError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -120,8 +137,9 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             printed[0] = text
 
+    phases = args.json if args.phase_timing is None else args.phase_timing
     gen = generate(engine, params, [prompt], args.max_new_tokens, seed=args.seed, draft_params=dparams,
-                   stream=None if args.json else stream)
+                   stream=None if args.json else stream, time_phases=phases)
     ids = gen.token_ids[0]
     stats = {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "method": args.method,
              **gen.stats(), "seconds_total": round(time.perf_counter() - t0, 3)}
@@ -155,7 +173,10 @@ def cmd_search_skip(args) -> int:
         result = search_skip_set(params, cfg, seqs, max_skip=args.max_skip, k=args.draft_k,
                                  progress=bar.update)
     path = save_skip_set(result, args.out, str(args.model))
-    print(json.dumps({k: result[k] for k in ("skip", "agreement", "predicted_speedup")}))
+    print(json.dumps({k: result[k] for k in ("skip", "agreement", "predicted_speedup", "beats_ar")}))
+    if not result["beats_ar"]:
+        print(f"spec-jax: warning: no skip set is predicted to beat autoregressive decoding on this model; "
+              f"saved the best one found ({result['predicted_speedup']:.2f}x predicted)", file=sys.stderr)
     print(f"saved to {path}", file=sys.stderr)
     return 0
 
@@ -171,6 +192,28 @@ CALIBRATION_PROMPTS = [
 ]
 
 
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Defaults for `parser` from a YAML file of `option: value` (option names as in --help, - or _)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise InvalidArgumentError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"config file {path} must be a mapping of option: value")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest == "config":
+            raise InvalidArgumentError(f"config file {path}: unknown option {key!r}; see --help for the options")
+        out[dest] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spec-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +225,10 @@ def main(argv=None) -> int:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--config", help="YAML file of option defaults (configs/)")
+    g.add_argument("--phase-timing", action=argparse.BooleanOptionalAction, default=None,
+                   help="time drafting and verification separately (one host round trip per step); "
+                        "default: on with --json, off otherwise")
     g.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("search-skip", help="search a layer-skip set for --method layer_skip")
@@ -201,6 +248,10 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):  # a YAML experiment config supplies defaults; flags still win
+            sub_parser = sub.choices[args.command]
+            sub_parser.set_defaults(**load_config(args.config, sub_parser))
+            args = parser.parse_args(argv)
         return args.fn(args)
     except SpecJaxError as e:
         print(f"spec-jax: error: {e}", file=sys.stderr)

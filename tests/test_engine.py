@@ -5,7 +5,8 @@ import pytest
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import Drafter
-from spec_jax.drafters.draft_model import DraftModel
+from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
+from spec_jax.drafters.dynamic_tree import DynamicTree
 from spec_jax.drafters.layer_skip import LayerSkip, load_skip_set, save_skip_set, search_skip_set
 from spec_jax.errors import CacheOverflowError, DataFormatError, InvalidArgumentError, TokenizerMismatchError
 from spec_jax.models import init_params, truncate
@@ -14,7 +15,8 @@ from spec_jax.policies import make_policy
 
 def _drafters(params, cfg):
     dparams, dcfg = truncate(params, cfg, 2)
-    out = []
+    out = [(DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, budget=7)), dparams),
+           (DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=2, width=2, k=2, sampled=True)), dparams)]
     for policy in ("fixed", "heuristic", "svip"):
         out.append((DraftModel(draft_cfg=dcfg, policy=make_policy(policy, 4)), dparams))
         out.append((LayerSkip(skip=(1, 2), policy=make_policy(policy, 3)), None))
@@ -44,6 +46,66 @@ def test_greedy_exact_many_models(seed, prompts):
     assert generate(Engine(cfg, full), params, prompts, 20, draft_params=params).token_ids == ar
     g = generate(Engine(cfg, full), params, prompts, 20, draft_params=params)
     assert g.tau > 4.0
+
+
+@pytest.mark.parametrize("spec", [DynamicTree(3, 1, 1, 3), DynamicTree(4, 2, 3, 12), DynamicTree(3, 3, 3, 5)])
+def test_dynamic_tree_with_perfect_draft_accepts_its_deepest_path(spec, prompts):
+    """A draft equal to the target always has the target's argmax among its top-1 children, so every
+    step accepts as deep as the kept tree reaches; the draft cache commit keeps it in sync."""
+    from tests.conftest import TINY
+
+    cfg = TINY.replace(num_layers=3)
+    params = init_params(cfg, jax.random.key(7))
+    ar = generate(Engine(cfg), params, prompts, 30).token_ids
+    g = generate(Engine(cfg, DraftModelTree(draft_cfg=cfg, tree=spec)), params, prompts, 30, draft_params=params)
+    assert g.token_ids == ar
+    if spec.width == 1:  # a chain: every step commits depth + 1 tokens except near the end
+        assert g.tau > spec.depth + 0.5
+    assert g.acceptance_by_depth[0] == 1.0
+
+
+def test_dynamic_tree_shape(tiny):
+    """Kept nodes form a breadth-first tree: parents precede children, depth = parent depth + 1."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from spec_jax.drafters.dynamic_tree import draft_dynamic_tree
+    from spec_jax.sampling import Sampling
+    from spec_jax.trees import ancestor_mask
+
+    spec = DynamicTree(depth=4, width=3, k=3, budget=14)
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(256, 256)) * 2, jnp.float32)  # toy bigram "draft model"
+
+    def tree_step(cache, tokens, positions, mask):
+        assert mask.shape[1] == tokens.shape[1] and mask.shape[2] % tokens.shape[1] == 0
+        return table[tokens], cache
+
+    tree, fed, _ = draft_dynamic_tree(tree_step, None, table[jnp.array([5, 9])], jnp.array([3, 4]), spec,
+                                      Sampling(), jax.random.key(0))
+    parents, depth = np.asarray(tree.parents), np.asarray(tree.depth)
+    assert tree.tokens.shape == (2, 14)
+    for b in range(2):
+        for i, p in enumerate(parents[b]):
+            assert p < i and depth[b, i] == (1 if p < 0 else depth[b, p] + 1)
+            if p >= 0:
+                assert tree.tokens[b, i] in np.argsort(-np.asarray(table[tree.tokens[b, p]]))[:3]
+        np.testing.assert_array_equal(np.asarray(tree.mask[b]), ancestor_mask(parents[b]))
+    # Greedy chain of the bigram table is kept (its cumulative log-probability is the highest).
+    top = int(jnp.argmax(table[5]))
+    assert int(tree.tokens[0, 0]) == top
+
+
+def test_phase_timed_run_equals_fused(tiny, prompts):
+    params, cfg = tiny
+    dparams, dcfg = truncate(params, cfg, 2)
+    for drafter, dp in [(Drafter(), None), (DraftModel(draft_cfg=dcfg), dparams), (LayerSkip(skip=(1,)), None)]:
+        fused = generate(Engine(cfg, drafter), params, prompts, 16, draft_params=dp)
+        timed = generate(Engine(cfg, drafter), params, prompts, 16, draft_params=dp, time_phases=True)
+        assert timed.token_ids == fused.token_ids
+        assert timed.draft_seconds > 0 and timed.verify_seconds > 0
+        assert timed.draft_seconds + timed.verify_seconds <= timed.seconds
+        assert fused.stats()["draft_seconds"] is None
 
 
 def test_eos_and_max_new_respected(tiny, prompts):
@@ -94,7 +156,8 @@ def test_skip_set_search_and_file(tiny, prompts, tmp_path):
     result = search_skip_set(params, cfg, seqs, max_skip=2, k=3)
     assert len(result["history"]) == 2 and 0 <= result["agreement"] <= 1
     path = save_skip_set(result, tmp_path / "skip.json", "tiny")
-    assert load_skip_set(path, cfg) == tuple(result["skip"])
+    assert load_skip_set(path, cfg) == (tuple(result["skip"]), result["k"])
+    assert 1 <= result["k"] <= 3
     path.write_text("{not json")
     with pytest.raises(DataFormatError, match="skip-set"):
         load_skip_set(path, cfg)

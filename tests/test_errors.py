@@ -90,3 +90,34 @@ def test_random_init_roundtrip(tiny, tmp_path):
     assert cfg2 == cfg
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, again))
     assert init_params(cfg, jax.random.key(0)).keys() == params.keys()
+
+
+def test_config_files(tmp_path, capsys):
+    """Experiment configs supply defaults; unknown keys and bad YAML are refused clearly."""
+    import argparse
+
+    from spec_jax.cli import add_method_args, load_config
+
+    p = argparse.ArgumentParser()
+    add_method_args(p)
+    good = tmp_path / "good.yaml"
+    good.write_text("method: draft_tree\ntree-budget: 7\n")
+    assert load_config(str(good), p) == {"method": "draft_tree", "tree_budget": 7}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tree-bugdet: 7\n")
+    with pytest.raises(InvalidArgumentError, match="unknown option 'tree-bugdet'"):
+        load_config(str(bad), p)
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(InvalidArgumentError, match="not valid YAML"):
+        load_config(str(bad), p)
+    assert main(["generate", "--prompt", "x", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    # The shipped configs parse against the bench options.
+    from pathlib import Path
+
+    from spec_jax.bench.run import add_bench_args
+
+    b = argparse.ArgumentParser()
+    add_bench_args(b)
+    for cfg in Path(__file__).parents[1].glob("configs/*.yaml"):
+        assert load_config(str(cfg), b)["methods"]

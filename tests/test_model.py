@@ -74,3 +74,32 @@ def test_commit_equals_prefill_of_accepted(tiny):
     assert int(committed.lengths[0]) == 7
     for a, b in zip(committed.k + committed.v, ref.k + ref.v, strict=True):
         np.testing.assert_allclose(a[:, :7], b[:, :7], **TOL)
+
+
+def test_layer_gates_equal_static_layer_subset(tiny):
+    params, cfg = tiny
+    ids = jax.random.randint(jax.random.key(2), (2, 6), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    static = forward(params, cfg, ids, pos, init_cache(cfg, 2, 8), layers=(0, 2)).logits
+    gates = jnp.array([True, False, True, False])
+    gated = forward(params, cfg, ids, pos, init_cache(cfg, 2, 8), layer_gates=gates).logits
+    np.testing.assert_allclose(gated, static, **TOL)
+
+
+def test_tree_mask_over_earlier_scratch_equals_one_block(tiny):
+    """A tree fed in two calls (the second level sees the first through a [B, T, C] mask) gets the
+    logits of the same tree fed at once."""
+    params, cfg = tiny
+    ids = jax.random.randint(jax.random.key(3), (1, 5), 0, cfg.vocab_size)
+    _, cache = _prefill(params, cfg, ids)
+    # Level 1: nodes a, b; level 2: c under a, d under b.
+    toks = jnp.array([[7, 8, 9, 10]])
+    parents = np.array([-1, -1, 0, 1])
+    from spec_jax.trees import ancestor_mask
+
+    full_mask = jnp.asarray(ancestor_mask(parents))[None]
+    pos = 5 + jnp.array([[0, 0, 1, 1]])
+    whole = forward(params, cfg, toks, pos, cache, full_mask).logits
+    first = forward(params, cfg, toks[:, :2], pos[:, :2], cache, full_mask[:, :2, :2])
+    second = forward(params, cfg, toks[:, 2:], pos[:, 2:], first.cache, full_mask[:, 2:, :]).logits
+    np.testing.assert_allclose(jnp.concatenate([first.logits, second], 1), whole, **TOL)

@@ -24,18 +24,16 @@ HF_METHODS = ("hf_ar",)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from spec_jax.cli import add_model_args
+    from spec_jax.cli import METHODS, add_drafter_args, add_model_args
 
     add_model_args(p)
-    p.add_argument("--methods", default="ar,draft,layer_skip,hf_ar",
-                   help="comma-separated: ar, draft, layer_skip, hf_ar")
+    p.add_argument("--config", help="YAML file of option defaults (configs/)")
+    p.add_argument("--methods", default="ar,draft,hf_ar",
+                   help=f"comma-separated: {', '.join(METHODS + HF_METHODS)}")
     p.add_argument("--dataset", default="mtbench", choices=["mtbench", "humaneval"])
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--draft-layers", type=int, default=8)
-    p.add_argument("--draft-k", type=int, default=None)
-    p.add_argument("--length-policy", default="fixed")
-    p.add_argument("--skip-file", default=None)
+    add_drafter_args(p)
     p.add_argument("--out", default="results/bench", help="results folder")
 
 
@@ -92,8 +90,14 @@ def _worker_ours(spec: dict) -> dict:
     for i, p in enumerate(prompts):
         g = generate(engine, params, [p], max_new, draft_params=dparams, cache_size=size)
         rows.append({"index": i, "token_ids": g.token_ids[0], **g.stats()})
+    # Where the time goes: the first prompt again, drafting and verification timed apart (after a
+    # compile of the two halves); throughput above comes from the fused loop.
+    generate(engine, params, [prompts[0]], 4, draft_params=dparams, cache_size=size, time_phases=True)
+    g = generate(engine, params, [prompts[0]], max_new, draft_params=dparams, cache_size=size, time_phases=True)
+    steps = sum(g.target_forwards) - 1
+    phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps}
     return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(),
-            "weight_bytes": param_bytes(params)}
+            "weight_bytes": param_bytes(params), "phases": phases}
 
 
 def _worker_hf(spec: dict) -> dict:
@@ -153,9 +157,7 @@ def cmd_bench(args) -> int:
     results = {}
     for m in methods:
         print(f"[bench] {m}: {len(prompts)} prompts x {args.max_new_tokens} new tokens", file=sys.stderr)
-        method_args = {"method": m, "draft_model": None, "draft_layers": args.draft_layers,
-                       "draft_k": args.draft_k, "length_policy": args.length_policy,
-                       "skip_file": args.skip_file, "dtype": args.dtype}
+        method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, "method": m}
         spec = {"method": m, "model": args.model, "dtype": args.dtype, "prompts": prompts,
                 "max_new_tokens": args.max_new_tokens, "method_args": method_args,
                 "out_file": str(out_dir / f"{m}.worker.json")}
@@ -181,16 +183,18 @@ def summarise(results: dict, bandwidth_gbs: float) -> str:
     ceiling = bandwidth_gbs * 1e9 / weight_bytes if weight_bytes else None
     ar_ids = [r["token_ids"] for r in results["ar"]["rows"]] if "ar" in results else None
     lines = ["| method | tokens/s | tau | speedup vs our AR | vs HF AR | x roofline | mismatches vs AR "
-             "| warm-up s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| draft ms/step | verify ms/step | warm-up s | peak RSS MB |", "|---" * 11 + "|"]
     for m, res in results.items():
         rows = res["rows"]
         forwards = sum(r["target_forwards"] - 1 for r in rows)
         tau = sum(r["new_tokens"] - 1 for r in rows) / forwards if forwards else 1.0
         mism = sum(r["token_ids"] != a for r, a in zip(rows, ar_ids, strict=True)) if ar_ids else "-"
         fmt = lambda x: f"{x:.2f}" if x else "-"
+        ph = res.get("phases") or {}
+        ms = {k: f"{ph[k]:.1f}" if k in ph else "-" for k in ("draft_ms_per_step", "verify_ms_per_step")}
         lines.append(f"| {m} | {tps(m):.1f} | {tau:.2f} | {fmt(ar and tps(m) / ar)} | {fmt(hf and tps(m) / hf)} "
-                     f"| {fmt(ceiling and tps(m) / ceiling)} | {mism} | {res['warmup_seconds']:.1f} "
-                     f"| {res['peak_rss_mb']:.0f} |")
+                     f"| {fmt(ceiling and tps(m) / ceiling)} | {mism} | {ms['draft_ms_per_step']} "
+                     f"| {ms['verify_ms_per_step']} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |")
     if weight_bytes:
         lines.append("")
         lines.append(f"Roofline: {weight_bytes / 1e6:.0f} MB of weights read per target forward at a "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from spec_jax.decoding.verify import verify
 from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult
 from spec_jax.errors import CacheOverflowError, InvalidArgumentError
 from spec_jax.models import Config, KVCache, commit, forward, init_cache
-from spec_jax.trees import with_root
+from spec_jax.trees import DraftTree, with_root
 
 
 @struct.dataclass
@@ -42,6 +42,16 @@ class DecodeState:
     accepted: jax.Array  # [B] draft tokens accepted
     reached: jax.Array  # [D] nodes at depth d that were verified with their parent accepted
     accepted_at: jax.Array  # [D] of those, accepted
+
+
+class Proposal(NamedTuple):
+    """What the drafting half of a step hands the verifying half."""
+
+    tree: DraftTree
+    drafter: Any  # drafter state after propose
+    cache: KVCache  # target cache (drafters may have written scratch entries)
+    rng: jax.Array  # the state's next key
+    verify_key: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +129,24 @@ class Engine:
 
     def step(self, params, dparams, state: DecodeState) -> DecodeState:
         """One draft-then-verify step for every sequence still generating."""
-        cfg, drafter = self.cfg, self.drafter
-        B = state.tokens.shape[0]
+        return self.verify_commit(params, dparams, state, self.draft(params, dparams, state))
+
+    def draft(self, params, dparams, state: DecodeState) -> Proposal:
+        """The drafting half of a step: the drafter proposes a tree for each sequence."""
         rng, k_draft, k_verify = jax.random.split(state.rng, 3)
         lengths = state.cache.lengths
         pending = jnp.take_along_axis(state.tokens, lengths[:, None], axis=1)[:, 0]
-        ctx = StepContext(params, cfg, state.cache, state.tokens, lengths, pending, self.sampling, k_draft)
-        tree, dstate, cache = drafter.propose(dparams, state.drafter, ctx)
+        ctx = StepContext(params, self.cfg, state.cache, state.tokens, lengths, pending, self.sampling, k_draft)
+        tree, dstate, cache = self.drafter.propose(dparams, state.drafter, ctx)
+        return Proposal(tree, dstate, cache, rng, k_verify)
 
+    def verify_commit(self, params, dparams, state: DecodeState, proposal: Proposal) -> DecodeState:
+        """The verifying half: target forward on the tree, verification, KV commit, drafter update."""
+        cfg, drafter = self.cfg, self.drafter
+        B = state.tokens.shape[0]
+        tree, dstate, cache, rng, k_verify = proposal
+        lengths = cache.lengths
+        pending = jnp.take_along_axis(state.tokens, lengths[:, None], axis=1)[:, 0]
         inputs, positions, mask = with_root(tree, pending, lengths)
         out = forward(params, cfg, inputs, positions, cache, mask if tree.num_nodes else None,
                       return_hidden=drafter.hidden_layers)
@@ -165,11 +185,32 @@ class Engine:
             forwards=state.forwards + active, accepted=state.accepted + jnp.where(active, res.num_accepted, 0),
             reached=state.reached + jnp.sum(reached, 0), accepted_at=state.accepted_at + jnp.sum(acc_at, 0))
 
-    @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-    def run(self, params, dparams, state: DecodeState, step_limit) -> DecodeState:
-        """Step until every sequence is done or `state.steps` reaches `step_limit`."""
+    def loop(self, params, dparams, state: DecodeState, step_limit) -> DecodeState:
+        """Step until every sequence is done or `state.steps` reaches `step_limit` (traceable)."""
         cond = lambda s: jnp.any(~s.done) & (s.steps < step_limit)
         return jax.lax.while_loop(cond, lambda s: self.step(params, dparams, s), state)
+
+    run = functools.partial(jax.jit, static_argnums=0, donate_argnums=3)(loop)
+
+    def sharded_run(self, params, dparams, state: DecodeState):
+        """`run` jitted with explicit in/out shardings: those the arguments are placed with."""
+        leaves = jax.tree.map(lambda x: x.sharding, (params, dparams, state))
+        flat, treedef = jax.tree.flatten(leaves)
+        return _sharded_loop(self, treedef, tuple(flat))
+
+    # The two halves jitted apart, for runs that time drafting and verification separately (a host
+    # round trip per step; the fused `run` is what throughput figures use). The caches and the
+    # drafter state are passed apart from the rest of the state so that they can be donated.
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
+    def draft_phase(self, params, dparams, rest: DecodeState, cache: KVCache, dstate) -> Proposal:
+        return self.draft(params, dparams, rest.replace(cache=cache, drafter=dstate))
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 5, 6))
+    def verify_phase(self, params, dparams, rest: DecodeState, proposal: Proposal, cache: KVCache,
+                     dstate) -> DecodeState:
+        proposal = proposal._replace(cache=cache, drafter=dstate)
+        return self.verify_commit(params, dparams, rest.replace(cache=cache), proposal)
 
     # ------------------------------------------------------------------ outputs
 
@@ -179,3 +220,10 @@ class Engine:
         tokens, starts, counts = jax.device_get((state.tokens, state.prompt_lens, state.num_new))
         return [tokens[b, starts[b]: starts[b] + counts[b]].tolist()
                 for b in range(tokens.shape[0])]
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_loop(engine: Engine, treedef, flat_shardings):
+    params_sh, dparams_sh, state_sh = jax.tree.unflatten(treedef, flat_shardings)
+    return jax.jit(functools.partial(Engine.loop, engine), in_shardings=(params_sh, dparams_sh, state_sh, None),
+                   out_shardings=state_sh, donate_argnums=2)

@@ -26,6 +26,8 @@ class Generation:
     accepted: list[int]  # accepted draft tokens per sequence
     reached: list[int]  # per depth: verified nodes whose parent was accepted
     accepted_at: list[int]  # per depth: of those, accepted
+    draft_seconds: float | None = None  # time in the drafting halves of the steps (phase-timed runs)
+    verify_seconds: float | None = None  # time in the verifying halves (target forward, verify, commit)
 
     @property
     def new_tokens(self) -> int:
@@ -56,6 +58,8 @@ class Generation:
             "tau": round(self.tau, 4),
             "accepted_drafts": int(sum(self.accepted)),
             "acceptance_by_depth": [round(a, 4) if a == a else None for a in self.acceptance_by_depth],
+            "draft_seconds": None if self.draft_seconds is None else round(self.draft_seconds, 4),
+            "verify_seconds": None if self.verify_seconds is None else round(self.verify_seconds, 4),
         }
 
 
@@ -71,14 +75,17 @@ def shard_state(state: DecodeState, mesh) -> DecodeState:
 def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: int, *, seed: int = 0,
              draft_params=None, cache_size: int | None = None,
              stream: Callable[[list[list[int]]], None] | None = None, chunk_steps: int = 16,
-             mesh=None) -> Generation:
+             mesh=None, time_phases: bool = False) -> Generation:
     """Generate up to `max_new_tokens` for each prompt with the engine's drafter and sampling.
 
     With `stream`, the device loop runs `chunk_steps` steps at a time and `stream` receives the
     tokens generated so far after each chunk; otherwise the whole loop is one device call.
     With a `mesh`, params are expected on it (`models.llama.shard_params`) and the decode state is
-    placed on it after prefill (batch over `data`, KV heads over `model`); jit then propagates the
-    shardings through the loop.
+    placed on it after prefill (batch over `data`, KV heads over `model`) and the loop is jitted
+    with those shardings as its in/out shardings.
+    With `time_phases`, the loop runs from the host one step at a time, drafting and verifying as
+    separate device calls, and the result reports the time spent in each (`draft_seconds`,
+    `verify_seconds`); the host round trips make such a run slightly slower than the fused loop.
     """
     padded, lens = engine.pad_prompts(prompts)
     size = cache_size or engine.cache_size(int(lens.max()), max_new_tokens)
@@ -94,16 +101,46 @@ def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: i
     t_first = time.perf_counter() - t0
     if stream is not None:
         stream(engine.outputs(state))
-    limit = 0
-    while not bool(jnp.all(state.done)):
-        limit = limit + chunk_steps if stream is not None else np.iinfo(np.int32).max
-        state = engine.run(params, draft_params, state, jnp.int32(limit))
-        if stream is not None:
-            stream(engine.outputs(state))
+    draft_s = verify_s = None
+    if time_phases:
+        state, draft_s, verify_s = _run_phases(engine, params, draft_params, state, stream, chunk_steps)
+    else:
+        run = engine.run if mesh is None else engine.sharded_run(params, draft_params, state)
+        limit = 0
+        while not bool(jnp.all(state.done)):
+            limit = limit + chunk_steps if stream is not None else np.iinfo(np.int32).max
+            state = run(params, draft_params, state, jnp.int32(limit))
+            if stream is not None:
+                stream(engine.outputs(state))
     jax.block_until_ready(state.tokens)
     seconds = time.perf_counter() - t0
     host = jax.device_get(state)
     return Generation(
         token_ids=engine.outputs(state), seconds=seconds, prefill_seconds=t_first,
         target_forwards=host.forwards.tolist(), accepted=host.accepted.tolist(),
-        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist())
+        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist(),
+        draft_seconds=draft_s, verify_seconds=verify_s)
+
+
+def _run_phases(engine: Engine, params, dparams, state: DecodeState, stream, chunk_steps: int):
+    """Step from the host, timing the drafting and the verifying half of every step."""
+    draft_s = verify_s = 0.0
+    steps = 0
+    while not bool(jnp.all(state.done)):
+        t0 = time.perf_counter()
+        proposal = engine.draft_phase(params, dparams, state.replace(cache=None, drafter=None), state.cache,
+                                      state.drafter)
+        jax.block_until_ready(proposal)
+        t1 = time.perf_counter()
+        state = engine.verify_phase(params, dparams, state.replace(cache=None, drafter=None),
+                                    proposal._replace(cache=None, drafter=None), proposal.cache, proposal.drafter)
+        jax.block_until_ready(state)
+        draft_s += t1 - t0
+        verify_s += time.perf_counter() - t1
+        steps += 1
+        if stream is not None and steps % chunk_steps == 0:
+            stream(engine.outputs(state))
+    if stream is not None:
+        stream(engine.outputs(state))
+    return state, draft_s, verify_s
+

@@ -111,9 +111,8 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
         rows = jnp.concatenate([parent_rows, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))], axis=2)
         fed_mask = jnp.concatenate([jnp.pad(fed_mask, ((0, 0), (0, 0), (0, W))), rows], axis=1)
         # Record which level candidates were fed and where.
-        fed_here = jnp.full(level_tok.shape, -1, jnp.int32)
-        fed_here = jax.vmap(lambda f, t: f.at[t].set(n_fed + jnp.arange(W, dtype=jnp.int32)))(fed_here, top)
-        cand_fed[-1] = fed_here
+        slots = n_fed + jnp.arange(W, dtype=jnp.int32)
+        cand_fed[-1] = jnp.full(level_tok.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top].set(slots[None])
         logits, cache = tree_step(cache, f_tok, (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32), rows)
         toks, lq, qs = _children(keys[d], logits, spec, s)
         score = jnp.repeat(f_score, k, axis=1) + lq

@@ -10,17 +10,19 @@ into the target cache's scratch region; verification then overwrites those slots
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.drafters.base import StepContext
 from spec_jax.drafters.chain import ChainDrafter, draft_chain
 from spec_jax.errors import DataFormatError, InvalidArgumentError
-from spec_jax.models import Config, forward, init_cache
+from spec_jax.models import Config, forward, init_cache, param_bytes
 from spec_jax.policies import FixedLength, LengthPolicy
 
 
@@ -58,13 +60,14 @@ class LayerSkip(ChainDrafter):
 
 # ----------------------------------------------------------------------------- skip-set search
 
-def _agreement(params, cfg: Config, tokens_BxT, mask_BxT, full_top1, layers) -> float:
-    """Share of positions where the layer-subset model's argmax equals the full model's."""
+@functools.partial(jax.jit, static_argnums=1)
+def _agreement(params, cfg: Config, tokens_BxT, mask_BxT, full_top1, gates_L) -> jax.Array:
+    """Share of positions where the gated model's argmax equals the full model's (one compile for all sets)."""
     B, T = tokens_BxT.shape
-    cache = init_cache(cfg, B, T)
-    out = forward(params, cfg, tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)), cache, layers=layers)
+    out = forward(params, cfg, tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(cfg, B, T),
+                  layer_gates=gates_L)
     hit = (jnp.argmax(out.logits, -1) == full_top1) & mask_BxT
-    return float(jnp.sum(hit) / jnp.sum(mask_BxT))
+    return jnp.sum(hit) / jnp.sum(mask_BxT)
 
 
 def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_skip: int | None = None,
@@ -75,8 +78,11 @@ def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_sk
     least important ones when skipped alone) whose removal keeps the draft's top-1 agreement with
     the full model highest (SWIFT's objective, searched greedily
     instead of by Bayesian optimisation). Each candidate set is scored by the speedup a chain of
-    `k` drafts would give with acceptance rate a = agreement and draft cost r = kept/total layers:
-    (1 - a^(k+1)) / (1 - a) tokens per (k * r + 1) full forwards; the best set is returned.
+    `k` drafts would give with acceptance rate a = agreement and draft cost r (the share of the
+    weights a draft forward reads: the kept layers plus the LM head, which every draft pays):
+    (1 - a^(k+1)) / (1 - a) tokens per (k * r + 1) full forwards, at the best k <= `k`; the best
+    set and its k are returned. Skip sets are evaluated with traced layer gates, so the whole
+    search compiles once.
     """
     L = cfg.num_layers
     max_skip = L - 1 if max_skip is None else max_skip
@@ -90,33 +96,45 @@ def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_sk
     full = forward(params, cfg, toks, jnp.broadcast_to(jnp.arange(T), toks.shape), init_cache(cfg, len(calibration), T))
     top1 = jnp.argmax(full.logits, -1)
 
-    def speedup(a: float, kept: int) -> float:
+    def agreement(skipped) -> float:
+        gates = np.ones((L,), bool)
+        gates[list(skipped)] = False
+        return float(_agreement(params, cfg, toks, mask, top1, jnp.asarray(gates)))
+
+    layer_bytes = sum(param_bytes(v) for name, v in params.items() if name.startswith("layers_"))
+    head_share = (cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.jnp_dtype).itemsize) / (
+        layer_bytes + cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.jnp_dtype).itemsize)
+
+    def best_k(a: float, kept: int) -> tuple[float, int]:
         a = min(a, 0.999999)
-        return (1 - a ** (k + 1)) / (1 - a) / (k * kept / L + 1)
+        r = head_share + (1 - head_share) * kept / L
+        return max(((1 - a ** (j + 1)) / (1 - a) / (j * r + 1), j) for j in range(1, k + 1))
 
     skip: list[int] = []
     history = []
-    best = {"skip": [], "agreement": 1.0, "predicted_speedup": 1.0}
     # Single-layer importance, computed once, limits each greedy round to the most promising layers.
-    alone = {layer: _agreement(params, cfg, toks, mask, top1, tuple(i for i in range(L) if i != layer))
-             for layer in range(L)}
+    alone = {}
+    for layer in range(L):
+        alone[layer] = agreement([layer])
+        if progress:
+            progress()
     while len(skip) < max_skip:
         trials = []
         pool = sorted((x for x in range(L) if x not in skip), key=lambda x: -alone[x])[:candidates]
         for layer in pool:
-            cand = sorted(skip + [layer])
-            kept = tuple(i for i in range(L) if i not in cand)
-            trials.append((_agreement(params, cfg, toks, mask, top1, kept), layer))
+            trials.append((agreement(skip + [layer]), layer))
             if progress:
                 progress()
         a, layer = max(trials)
         skip = sorted(skip + [layer])
-        s = speedup(a, L - len(skip))
-        history.append({"skip": list(skip), "agreement": a, "predicted_speedup": s})
-        if s > best["predicted_speedup"]:
-            best = history[-1]
+        s, kk = best_k(a, L - len(skip))
+        history.append({"skip": list(skip), "agreement": a, "predicted_speedup": s, "k": kk})
+    # The best non-empty set; `beats_ar` says whether even it is predicted to be faster than AR
+    # (small models have little layer redundancy: skipping one of SmolLM2-135M's 30 layers already
+    # drops top-1 agreement to ~0.8).
+    best = max(history, key=lambda h: h["predicted_speedup"])
     return {"skip": best["skip"], "agreement": best["agreement"], "predicted_speedup": best["predicted_speedup"],
-            "k": k, "num_layers": L, "history": history}
+            "beats_ar": best["predicted_speedup"] > 1.0, "k": best["k"], "num_layers": L, "history": history}
 
 
 def save_skip_set(result: dict, path: str | os.PathLike, model: str) -> Path:
@@ -129,17 +147,18 @@ def save_skip_set(result: dict, path: str | os.PathLike, model: str) -> Path:
     return path
 
 
-def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[int, ...]:
-    """Read a skip set written by `save_skip_set`, checking it fits the model."""
+def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[tuple[int, ...], int]:
+    """Read a skip set and its draft length from a `save_skip_set` file, checking it fits the model."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such skip-set file; create one with `spec-jax search-skip`")
     try:
         data = json.loads(path.read_text())
         skip = tuple(int(i) for i in data["skip"])
+        k = int(data.get("k", 4))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataFormatError(f"{path}: not a skip-set file ({e}); expected JSON with a 'skip' list") from e
     if data.get("num_layers", cfg.num_layers) != cfg.num_layers:
         raise DataFormatError(f"{path}: skip set is for a {data['num_layers']}-layer model, "
                               f"this model has {cfg.num_layers} layers")
-    return skip
+    return skip, k

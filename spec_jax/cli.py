@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spec_jax.errors import InvalidArgumentError, SpecJaxError
 
-METHODS = ("ar", "draft", "draft_tree", "layer_skip")
+METHODS = ("ar", "draft", "draft_tree", "layer_skip", "token_recycling", "pld")
 
 
 def _enable_compilation_cache() -> None:
@@ -58,6 +58,16 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--sampled-children", action="store_true",
                    help="draw children i.i.d. from the draft (recursive rejection sampling) instead of "
                         "its top-k; keeps the whole expansion")
+    r = p.add_argument_group("token recycling")
+    r.add_argument("--tr-k", type=int, default=8, help="successors kept per token")
+    r.add_argument("--tr-levels", default="8,21,25,15,8,3", help="tree nodes per level (comma-separated)")
+    r.add_argument("--tr-matrix", help="adjacency-matrix file (.npy): loaded if it exists, saved after the run")
+    r.add_argument("--budget", default=None,
+                   help="tree size: a node count, or 'auto' to measure this device's verification cost and "
+                        "the drafter's acceptance on calibration prompts and pick the fastest size")
+    n = p.add_argument_group("prompt lookup (pld)")
+    n.add_argument("--ngram-max", type=int, default=3, help="longest n-gram looked up")
+    n.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram looked up")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +100,16 @@ def build_method(args, params, cfg, target_tok=None):
             tree = DynamicTree(args.tree_depth, args.tree_width, args.tree_k, args.tree_budget, args.sampled_children)
             return DraftModelTree(draft_cfg=dcfg, tree=tree), dparams
         return DraftModel(draft_cfg=dcfg, policy=make_policy(args.length_policy, args.draft_k or 5)), dparams
+    if args.method == "token_recycling":
+        from spec_jax.drafters.token_recycling import TokenRecycling, load_matrix
+
+        levels = _int_list(args.tr_levels, "--tr-levels")
+        matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
+        return TokenRecycling(k=args.tr_k, levels=levels), matrix
+    if args.method == "pld":
+        from spec_jax.drafters.prompt_lookup import PromptLookup
+
+        return PromptLookup(k=args.draft_k or 5, max_ngram=args.ngram_max, min_ngram=args.ngram_min), None
     if args.method == "layer_skip":
         if not args.skip_file:
             raise InvalidArgumentError("--method layer_skip needs --skip-file; create one with "
@@ -97,6 +117,44 @@ def build_method(args, params, cfg, target_tok=None):
         skip, k = load_skip_set(args.skip_file, cfg)
         return LayerSkip(skip=skip, policy=make_policy(args.length_policy, args.draft_k or k)), None
     raise InvalidArgumentError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def apply_budget(args, engine, params, dparams, tok):
+    """`--budget N|auto` for drafters with a static tree template: (engine, draft params, report)."""
+    import dataclasses
+
+    import numpy as np
+
+    from spec_jax.policies.budget import prune_template
+
+    budget = getattr(args, "budget", None)
+    if budget in (None, "", "none"):
+        return engine, dparams, None
+    drafter = engine.drafter
+    if not hasattr(drafter, "with_template"):
+        raise InvalidArgumentError(f"--budget applies to tree drafters (token_recycling), not {args.method}")
+    if str(budget) == "auto":
+        from spec_jax.decoding.budget import auto_budget
+
+        calib = [encode_prompt(tok, q, chat=True) for q in CALIBRATION_PROMPTS[:3]]
+        return auto_budget(engine, params, calib, draft_params=dparams)
+    try:
+        n = int(budget)
+    except ValueError:
+        raise InvalidArgumentError(f"--budget takes a node count or 'auto', got {budget!r}") from None
+    if not 1 <= n <= drafter.num_nodes:
+        raise InvalidArgumentError(f"--budget {n} must be between 1 and the template's {drafter.num_nodes} nodes")
+    tmpl = drafter.template
+    prior = np.array([np.prod([1.0 / (r + 1) for r in p]) for p in tmpl.paths])  # rank prior, as the template
+    pruned = drafter.with_template(prune_template(tmpl, prior, n))
+    return dataclasses.replace(engine, drafter=pruned), dparams, {"nodes": n}
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def encode_prompt(tok, text: str, chat: bool) -> list[int]:
@@ -123,7 +181,11 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.model)
     prompt = encode_prompt(tok, args.prompt, args.chat)
     drafter, dparams = build_method(args, params, cfg, tok)
-    engine = Engine(cfg, drafter, sampling)
+    engine, dparams, budget = apply_budget(args, Engine(cfg, drafter, sampling), params, dparams, tok)
+    if budget and not args.json:
+        print(f"[budget] {budget['nodes']}-node tree" + (
+            f" (depth {budget['depth']}, expected tau {budget['expected_tau']:.2f})" if "depth" in budget else ""),
+            file=sys.stderr)
 
     printed = [""]
     first_token_at = [None]
@@ -140,9 +202,15 @@ def cmd_generate(args) -> int:
     phases = args.json if args.phase_timing is None else args.phase_timing
     gen = generate(engine, params, [prompt], args.max_new_tokens, seed=args.seed, draft_params=dparams,
                    stream=None if args.json else stream, time_phases=phases)
+    if getattr(args, "tr_matrix", None) and args.method == "token_recycling":
+        from spec_jax.drafters.token_recycling import save_matrix
+
+        save_matrix(gen.draft_params, args.tr_matrix)
     ids = gen.token_ids[0]
     stats = {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "method": args.method,
              **gen.stats(), "seconds_total": round(time.perf_counter() - t0, 3)}
+    if budget:
+        stats["budget"] = {k: v for k, v in budget.items() if k not in ("curve", "cost_seconds")}
     if args.json:
         print(json.dumps(stats))
     else:

@@ -113,12 +113,14 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
         _assert_matches(counts, law)
 
 
-@pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk"])
+@pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld"])
 def test_engine_sampling_matches_ar(drafter):
-    """End to end: the first three tokens from the draft-model engines follow AR sampling's law."""
+    """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
+    from spec_jax.drafters.prompt_lookup import PromptLookup
+    from spec_jax.drafters.token_recycling import TokenRecycling
     from spec_jax.models import Config, init_params, truncate
     from spec_jax.policies import make_policy
 
@@ -128,15 +130,15 @@ def test_engine_sampling_matches_ar(drafter):
     params = jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, params)  # sharper distributions
     dparams, dcfg = truncate(params, cfg, 1)
     s = sp.Sampling(1.0)
-    prompt = [[1, 2, 3]] * 10_000
+    prompt = [[1, 2, 3, 1, 2, 3]] * 10_000
 
     def joint(engine, dp, seed):
         padded, lens = engine.pad_prompts(prompt)
-        size = engine.cache_size(3, 3)
+        size = engine.cache_size(6, 3)
         st = engine.prefill(params, dp, jnp.asarray(padded), jnp.asarray(lens),
                             jnp.full((len(prompt),), 3, jnp.int32), jax.random.key(seed), size)
         st = engine.run(params, dp, st, jnp.int32(1 << 30))
-        toks = np.asarray(st.tokens[:, 3:6])
+        toks = np.asarray(st.tokens[:, 6:9])
         return np.bincount(toks[:, 0] * 64 + toks[:, 1] * 8 + toks[:, 2], minlength=512)
 
     ar = sum(joint(Engine(cfg, sampling=s), None, seed) for seed in range(2))
@@ -144,7 +146,13 @@ def test_engine_sampling_matches_ar(drafter):
         "chain": DraftModel(draft_cfg=dcfg, policy=make_policy("fixed", 3)),
         "tree_sampled": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, sampled=True)),
         "tree_topk": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
+        "token_recycling": TokenRecycling(k=3, levels=(3, 4, 2)),
+        "pld": PromptLookup(k=3, max_ngram=2),
     }[drafter]
+    if drafter == "token_recycling":  # a random warm matrix, so the first step already drafts real trees
+        dparams = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
+    elif drafter == "pld":
+        dparams = None
     spec_engine = Engine(cfg, spec_drafter, s)
     spec = sum(joint(spec_engine, dparams, seed + 100) for seed in range(2))
     # Two-sample chi-square between the AR and speculative samples.

@@ -64,7 +64,7 @@ def _chat_prompts(tok, questions):
 # ----------------------------------------------------------------------------- workers
 
 def _worker_ours(spec: dict) -> dict:
-    from spec_jax.cli import _enable_compilation_cache, build_method
+    from spec_jax.cli import _enable_compilation_cache, apply_budget, build_method
     from spec_jax.decoding import Engine, generate
     from spec_jax.models import param_bytes
     from spec_jax.models.registry import load_model, load_tokenizer
@@ -74,7 +74,9 @@ def _worker_ours(spec: dict) -> dict:
     tok = load_tokenizer(spec["model"])
     args = argparse.Namespace(**spec["method_args"])
     drafter, dparams = build_method(args, params, cfg, tok)
-    engine = Engine(cfg, drafter)
+    t = time.perf_counter()
+    engine, dparams, budget = apply_budget(args, Engine(cfg, drafter), params, dparams, tok)
+    budget_seconds = time.perf_counter() - t
     prompts = spec["prompts"]
     max_new = spec["max_new_tokens"]
     size = engine.cache_size(max(map(len, prompts)), max_new)
@@ -87,8 +89,10 @@ def _worker_ours(spec: dict) -> dict:
             generate(engine, params, [p], max_new, draft_params=dparams, cache_size=size)
     warmup = time.perf_counter() - t
     rows = []
-    for i, p in enumerate(prompts):
-        g = generate(engine, params, [p], max_new, draft_params=dparams, cache_size=size)
+    carried = dparams  # drafters that learn while decoding (Token Recycling) carry state across prompts,
+    for i, p in enumerate(prompts):  # starting from their initial params, not from the warm-up runs
+        g = generate(engine, params, [p], max_new, draft_params=carried, cache_size=size)
+        carried = g.draft_params
         rows.append({"index": i, "token_ids": g.token_ids[0], **g.stats()})
     # Where the time goes: the first prompt again, drafting and verification timed apart (after a
     # compile of the two halves); throughput above comes from the fused loop.
@@ -97,7 +101,8 @@ def _worker_ours(spec: dict) -> dict:
     steps = sum(g.target_forwards) - 1
     phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps}
     return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(),
-            "weight_bytes": param_bytes(params), "phases": phases}
+            "weight_bytes": param_bytes(params), "phases": phases, "budget": budget,
+            "budget_seconds": budget_seconds}
 
 
 def _worker_hf(spec: dict) -> dict:

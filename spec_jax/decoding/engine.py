@@ -42,6 +42,7 @@ class DecodeState:
     accepted: jax.Array  # [B] draft tokens accepted
     reached: jax.Array  # [D] nodes at depth d that were verified with their parent accepted
     accepted_at: jax.Array  # [D] of those, accepted
+    node_hits: jax.Array  # [N] times each tree node (template slot) was on the accepted path
 
 
 class Proposal(NamedTuple):
@@ -125,7 +126,7 @@ class Engine:
             num_new=jnp.ones((B,), jnp.int32), done=jnp.isin(first, self.eos) | (max_new_B <= 1),
             rng=rng, drafter=dstate, steps=jnp.int32(0), forwards=jnp.ones((B,), jnp.int32),
             accepted=jnp.zeros((B,), jnp.int32), reached=jnp.zeros((D,), jnp.int32),
-            accepted_at=jnp.zeros((D,), jnp.int32))
+            accepted_at=jnp.zeros((D,), jnp.int32), node_hits=jnp.zeros((max(self.drafter.num_nodes, 1),), jnp.int32))
 
     def step(self, params, dparams, state: DecodeState) -> DecodeState:
         """One draft-then-verify step for every sequence still generating."""
@@ -179,11 +180,15 @@ class Engine:
         depth_has_node = jnp.stack([jnp.any(tree.valid & (tree.depth == d), 1) for d in range(1, D + 1)], 1)
         reached = depth_has_node & (res.num_accepted[:, None] >= jnp.arange(D)[None]) & active[:, None]
         acc_at = (res.num_accepted[:, None] > jnp.arange(D)[None]) & active[:, None]
+        on_path = (jnp.arange(res.path.shape[1] - 1)[None] < res.num_accepted[:, None]) & active[:, None]
+        hits = state.node_hits.at[jnp.where(on_path, res.path[:, 1:] - 1, state.node_hits.shape[0])].add(
+            1, mode="drop")
         return DecodeState(
             cache=cache, tokens=tokens, prompt_lens=state.prompt_lens, max_new=state.max_new,
             num_new=num_new, done=done, rng=rng, drafter=dstate, steps=state.steps + 1,
             forwards=state.forwards + active, accepted=state.accepted + jnp.where(active, res.num_accepted, 0),
-            reached=state.reached + jnp.sum(reached, 0), accepted_at=state.accepted_at + jnp.sum(acc_at, 0))
+            reached=state.reached + jnp.sum(reached, 0), accepted_at=state.accepted_at + jnp.sum(acc_at, 0),
+            node_hits=hits)
 
     def loop(self, params, dparams, state: DecodeState, step_limit) -> DecodeState:
         """Step until every sequence is done or `state.steps` reaches `step_limit` (traceable)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,10 @@ class Generation:
     accepted: list[int]  # accepted draft tokens per sequence
     reached: list[int]  # per depth: verified nodes whose parent was accepted
     accepted_at: list[int]  # per depth: of those, accepted
+    node_hits: list[int] = dataclasses.field(default_factory=list)  # per tree node: times on the accepted path
     draft_seconds: float | None = None  # time in the drafting halves of the steps (phase-timed runs)
     verify_seconds: float | None = None  # time in the verifying halves (target forward, verify, commit)
+    draft_params: Any = None  # the drafter's params for the next run (`Drafter.next_params`: hot start)
 
     @property
     def new_tokens(self) -> int:
@@ -118,8 +121,9 @@ def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: i
     return Generation(
         token_ids=engine.outputs(state), seconds=seconds, prefill_seconds=t_first,
         target_forwards=host.forwards.tolist(), accepted=host.accepted.tolist(),
-        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist(),
-        draft_seconds=draft_s, verify_seconds=verify_s)
+        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist(), node_hits=host.node_hits.tolist(),
+        draft_seconds=draft_s, verify_seconds=verify_s,
+        draft_params=engine.drafter.next_params(draft_params, state.drafter))
 
 
 def _run_phases(engine: Engine, params, dparams, state: DecodeState, stream, chunk_steps: int):

@@ -97,3 +97,8 @@ class Drafter:
 
     def observe(self, params, state, result: StepResult):
         return state
+
+    def next_params(self, params, state):
+        """Params for the next run, given this run's final state (drafters that learn while decoding,
+        like Token Recycling, carry what they learned across requests)."""
+        return params

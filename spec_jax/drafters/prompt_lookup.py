@@ -1,0 +1,68 @@
+"""`pld`: prompt lookup decoding (Saxena 2023; transformers' `prompt_lookup_num_tokens`).
+
+The last n tokens (the pending token included) are looked up in the prompt and the text generated
+so far; the tokens that followed the most recent earlier occurrence are the draft chain. n runs
+from `max_ngram` down to `min_ngram` and the longest n with a match wins. Drafts are
+deterministic (point-mass rule under sampling). Everything is array code over the token buffer,
+so it runs inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from spec_jax.drafters.base import Drafter, StepContext
+from spec_jax.errors import InvalidArgumentError
+from spec_jax.trees import TreeTemplate
+
+
+def lookup(tokens_BxS: jax.Array, last_B: jax.Array, n: int, k: int):
+    """Continuation of the most recent earlier occurrence of tokens[last-n+1 .. last].
+
+    Returns (draft tokens [B, k], valid [B, k]); a draft token is valid when a match exists and the
+    token lies at or before `last` (already known).
+    """
+    B, S = tokens_BxS.shape
+    suffix = jnp.take_along_axis(tokens_BxS, last_B[:, None] - n + 1 + jnp.arange(n)[None], axis=1)  # [B, n]
+    starts = jnp.arange(S - n + 1)
+    match = jnp.ones((B, S - n + 1), bool)
+    for j in range(n):
+        match &= tokens_BxS[:, j: S - n + 1 + j] == suffix[:, j: j + 1]
+    # An earlier occurrence: it ends before `last`, and the suffix itself is inside the sequence.
+    match &= (starts[None] + n - 1 < last_B[:, None]) & (last_B[:, None] - n + 1 >= 0)
+    found = jnp.any(match, axis=1)
+    start = jnp.max(jnp.where(match, starts[None], -1), axis=1)
+    pos = start[:, None] + n + jnp.arange(k)[None]  # [B, k]
+    draft = jnp.take_along_axis(tokens_BxS, jnp.clip(pos, 0, S - 1), axis=1)
+    return draft, found[:, None] & (pos <= last_B[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup(Drafter):
+    k: int = 5  # draft tokens
+    max_ngram: int = 3
+    min_ngram: int = 1
+    name = "pld"
+
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram or self.k < 1:
+            raise InvalidArgumentError(
+                f"prompt lookup needs k >= 1 and 1 <= min_ngram <= max_ngram, got k={self.k}, "
+                f"ngrams {self.min_ngram}..{self.max_ngram}")
+
+    @property
+    def template(self) -> TreeTemplate:
+        return TreeTemplate.chain(self.k)
+
+    def propose(self, params, state, ctx: StepContext):
+        draft, valid = lookup(ctx.tokens, ctx.lengths, self.max_ngram, self.k)
+        for n in range(self.max_ngram - 1, self.min_ngram - 1, -1):  # fall back to shorter n-grams
+            d, v = lookup(ctx.tokens, ctx.lengths, n, self.k)
+            use = ~valid[:, :1]
+            draft, valid = jnp.where(use, d, draft), jnp.where(use, v, valid)
+        # A chain node is only useful if all nodes before it are.
+        valid = jnp.cumprod(valid, axis=1).astype(bool)
+        return self.template.build(draft, valid_BxN=valid), state, ctx.cache

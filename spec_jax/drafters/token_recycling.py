@@ -1,0 +1,143 @@
+"""`token_recycling`: Token Recycling (Luo et al. 2024, "Turning Trash into Treasure").
+
+The target's logits at every token it is fed hold plausible successors of that token, and most of
+them are thrown away. Token Recycling keeps them in an adjacency matrix M[V, k]: row t holds the
+top-k successors of t from the most recent forward that saw t. Drafting fills a static
+breadth-first tree template by level-wise gathers (a node of rank r under a node holding token t
+gets M[t, r]), and after each verification the rows of every fed token are overwritten with the
+top-k of the target's logits there. M starts at zero and is kept across requests (hot start):
+`next_params` hands the updated matrix to the caller, who passes it back as the drafter's params,
+and `save_matrix` / `load_matrix` keep it in a file.
+
+Drafts are deterministic (verified greedily or with the point-mass rule); siblings holding the same
+token are marked invalid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spec_jax.drafters.base import Drafter, StepContext, StepResult
+from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.models import Config
+from spec_jax.trees import TreeTemplate
+
+# The paper's default tree: 80 nodes over 6 levels.
+DEFAULT_LEVELS = (8, 21, 25, 15, 8, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRecycling(Drafter):
+    k: int = 8  # successors kept per token (columns of M)
+    levels: tuple[int, ...] = DEFAULT_LEVELS  # nodes per tree level
+    paths: tuple[tuple[int, ...], ...] | None = None  # an explicit template (e.g. pruned by --budget auto)
+    name = "token_recycling"
+
+    def __post_init__(self):
+        if self.k < 1 or not self.levels or min(self.levels) < 1:
+            raise InvalidArgumentError(f"token recycling needs k >= 1 and non-empty levels, got {self.k}, "
+                                       f"{self.levels}")
+
+    @property
+    def template(self) -> TreeTemplate:
+        if self.paths is not None:
+            return TreeTemplate(self.paths)
+        return TreeTemplate.from_level_sizes(self.levels, width=self.k)
+
+    def with_template(self, template: TreeTemplate) -> TokenRecycling:
+        if max(template.ranks, default=0) >= self.k:
+            raise InvalidArgumentError(f"template uses rank {max(template.ranks)} but the matrix keeps k={self.k}")
+        return dataclasses.replace(self, paths=template.paths)
+
+    def check(self, cfg: Config, params) -> None:
+        if params is not None and tuple(params.shape) != (cfg.vocab_size, self.k):
+            raise InvalidArgumentError(
+                f"token recycling matrix has shape {tuple(params.shape)}, expected ({cfg.vocab_size}, {self.k}) "
+                "for this model and k; delete the matrix file or pass the matching --tr-k")
+
+    def init(self, params, cfg: Config, batch: int, cache_size: int):
+        m = jnp.zeros((cfg.vocab_size, self.k), jnp.int32) if params is None else jnp.asarray(params, jnp.int32)
+        return {"M": m}
+
+    def next_params(self, params, state):
+        """The matrix after a run: pass it as params to the next run (hot start)."""
+        return state["M"]
+
+    # ------------------------------------------------------------------ drafting
+
+    def propose(self, params, state, ctx: StepContext):
+        tmpl = self.template
+        parents, depth, ranks = tmpl.parents, tmpl.depth, tmpl.ranks
+        B, N = ctx.pending.shape[0], tmpl.num_nodes
+        M = state["M"]
+        tokens = jnp.zeros((B, N), jnp.int32)
+        for d in range(1, tmpl.max_depth + 1):
+            idx = np.flatnonzero(depth == d)
+            par = parents[idx]
+            parent_tok = ctx.pending[:, None].repeat(len(idx), 1) if d == 1 else tokens[:, par]
+            tokens = tokens.at[:, idx].set(M[parent_tok, ranks[idx]])
+        return tmpl.build(tokens, valid_BxN=distinct_siblings(tokens, parents)), state, ctx.cache
+
+    # ------------------------------------------------------------------ update
+
+    def observe(self, params, state, result: StepResult):
+        fed_valid = jnp.concatenate([jnp.ones_like(result.tree.valid[:, :1]), result.tree.valid], axis=1)
+        fed_valid &= result.active[:, None]
+        top = jax.lax.top_k(result.logits, self.k)[1].astype(jnp.int32)  # [B, 1+N, k]
+        return {**state, "M": update_matrix(state["M"], result.inputs, top, fed_valid)}
+
+
+def distinct_siblings(tokens_BxN: jax.Array, parents: np.ndarray) -> jax.Array:
+    """Valid nodes: no earlier sibling holds the same token, and the parent is valid."""
+    N = len(parents)
+    earlier_sibling = (parents[:, None] == parents[None, :]) & (np.arange(N)[None, :] < np.arange(N)[:, None])
+    dup = jnp.any((tokens_BxN[:, :, None] == tokens_BxN[:, None, :]) & earlier_sibling[None], axis=2)
+    valid = ~dup
+    for i in np.flatnonzero(parents >= 0):  # parents precede children: one forward pass suffices
+        valid = valid.at[:, i].set(valid[:, i] & valid[:, parents[i]])
+    return valid
+
+
+def update_matrix(M_VxK: jax.Array, fed_BxT: jax.Array, top_BxTxK: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    """Overwrite M[t] with the top-k successors observed after t, for every valid fed token t.
+
+    When a token was fed more than once in the step (in one sequence or across the batch), its last
+    occurrence in (batch, slot) order wins, so the update is deterministic.
+    """
+    V = M_VxK.shape[0]
+    tok = fed_BxT.reshape(-1)
+    top = top_BxTxK.reshape(-1, top_BxTxK.shape[-1])
+    ok = valid_BxT.reshape(-1)
+    F = tok.shape[0]
+    later = jnp.arange(F)[None, :] > jnp.arange(F)[:, None]
+    superseded = jnp.any((tok[:, None] == tok[None, :]) & ok[None, :] & later, axis=1)
+    row = jnp.where(ok & ~superseded, tok, V)  # row V: a scratch row, dropped below
+    padded = jnp.concatenate([M_VxK, jnp.zeros((1, M_VxK.shape[1]), M_VxK.dtype)], axis=0)
+    return padded.at[row].set(top, unique_indices=False)[:V]
+
+
+def save_matrix(M, path: str | os.PathLike) -> Path:
+    """Write the matrix as .npy (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.asarray(M, np.int32))
+    os.replace(tmp, path)
+    return path
+
+
+def load_matrix(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    try:
+        M = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a token recycling matrix ({e}); delete it to start from zeros") from e
+    if M.ndim != 2 or M.dtype.kind not in "iu":
+        raise DataFormatError(f"{path}: expected a 2-D integer matrix [vocab, k], got {M.dtype} {M.shape}")
+    return M

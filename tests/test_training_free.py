@@ -1,0 +1,199 @@
+"""Training-free drafters: Token Recycling and prompt lookup are exact under greedy decoding, and
+their data structures do what the papers say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spec_jax.decoding import Engine, generate
+from spec_jax.drafters.prompt_lookup import PromptLookup, lookup
+from spec_jax.drafters.token_recycling import (
+    TokenRecycling,
+    distinct_siblings,
+    load_matrix,
+    save_matrix,
+    update_matrix,
+)
+from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.trees import TreeTemplate
+
+DRAFTERS = [
+    TokenRecycling(k=4, levels=(4, 6, 4, 2)),
+    TokenRecycling(k=2, levels=(2,)),
+    PromptLookup(k=4, max_ngram=3, min_ngram=1),
+    PromptLookup(k=2, max_ngram=2, min_ngram=2),
+]
+
+
+def _repetitive_prompts():
+    """Prompts with repeated phrases, so lookups and recycled successors have something to find."""
+    rng = np.random.default_rng(1)
+    phrase = rng.integers(3, 256, size=6).tolist()
+    return [phrase * 3 + [7, 8], rng.integers(3, 256, size=9).tolist(), phrase + [1] + phrase[:3]]
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS, ids=lambda d: f"{d.name}-{d.num_nodes}")
+def test_greedy_exact_batched_and_single(drafter, tiny):
+    params, cfg = tiny
+    prompts = _repetitive_prompts()
+    ar = generate(Engine(cfg), params, prompts, 40).token_ids
+    g = generate(Engine(cfg, drafter), params, prompts, 40)
+    assert g.token_ids == ar
+    for i, p in enumerate(prompts):
+        assert generate(Engine(cfg, drafter), params, [p], 40).token_ids[0] == ar[i]
+    # Greedy tiny models fall into loops, which both drafters must exploit.
+    assert g.tau > 1.3, g.tau
+
+
+def test_token_recycling_hot_start_and_sampling(tiny):
+    """The matrix learned on one request carries to the next; a sampled run with the warm matrix
+    (point-mass verification, whose law is tested in test_lossless_sampling) accepts drafts."""
+    from spec_jax.sampling import Sampling
+
+    params, cfg = tiny
+    prompts = _repetitive_prompts()
+    tr = TokenRecycling(k=4, levels=(4, 6, 4))
+    cold = generate(Engine(cfg, tr), params, prompts, 40)
+    assert cold.draft_params.shape == (cfg.vocab_size, 4) and int(jnp.sum(cold.draft_params != 0)) > 0
+    warm = generate(Engine(cfg, tr), params, prompts, 40, draft_params=cold.draft_params)
+    assert warm.token_ids == cold.token_ids and warm.tau >= cold.tau
+    s = generate(Engine(cfg, tr, Sampling(0.7)), params, prompts, 40, draft_params=warm.draft_params, seed=3)
+    assert s.tau > 1.0
+
+
+def test_matrix_update_hand_built():
+    M = jnp.zeros((10, 2), jnp.int32)
+    fed = jnp.array([[3, 5, 3], [5, 9, 1]])
+    top = jnp.arange(2 * 3 * 2, dtype=jnp.int32).reshape(2, 3, 2) + 100
+    valid = jnp.array([[True, True, True], [True, True, False]])
+    out = np.asarray(update_matrix(M, fed, top, valid))
+    np.testing.assert_array_equal(out[3], [104, 105])  # token 3 twice in sequence 0: the later slot wins
+    np.testing.assert_array_equal(out[5], [106, 107])  # token 5 in both sequences: the later sequence wins
+    np.testing.assert_array_equal(out[9], [108, 109])
+    np.testing.assert_array_equal(out[1], [0, 0])  # an invalid slot writes nothing
+    assert out[[0, 2, 4, 6, 7, 8]].sum() == 0
+
+
+def test_tree_from_known_matrix():
+    tr = TokenRecycling(k=3, levels=(3, 2, 1))
+    V = 20
+    M = (jnp.arange(V)[:, None] * 3 + jnp.arange(3)[None] + 1) % V  # M[t, r] = 3t + r + 1 (mod V)
+    from spec_jax.drafters.base import StepContext
+
+    ctx = StepContext(None, None, None, None, None, jnp.array([2]), None, None)
+    tree, _, _ = tr.propose(None, {"M": M.astype(jnp.int32)}, ctx)
+    tmpl = tr.template
+    for i, path in enumerate(tmpl.paths):
+        t = 2
+        for r in path:
+            t = int(M[t, r])
+        assert int(tree.tokens[0, i]) == t, (path, i)
+    assert bool(jnp.all(tree.valid))
+
+
+def test_duplicate_siblings_invalid():
+    parents = TreeTemplate.kary((3, 2)).parents
+    tokens = jnp.array([[5, 5, 6, 1, 2, 3, 3, 4, 4]])  # node 1 duplicates node 0; 3/3 and 4/4 siblings dup
+    valid = np.asarray(distinct_siblings(tokens, parents))[0]
+    # nodes: 0,1,2 at depth 1; children of 0: 3,4; of 1: 5,6; of 2: 7,8.
+    assert valid.tolist() == [True, False, True, True, True, False, False, True, False]
+
+
+def test_matrix_file_round_trip_and_errors(tmp_path, tiny):
+    params, cfg = tiny
+    M = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(cfg.vocab_size, 4)).astype(np.int32)
+    path = save_matrix(M, tmp_path / "tr.npy")
+    np.testing.assert_array_equal(load_matrix(path), M)
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataFormatError, match="token recycling matrix"):
+        load_matrix(tmp_path / "bad.npy")
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        generate(Engine(cfg, TokenRecycling(k=8, levels=(2,))), params, [[1, 2]], 4, draft_params=M)
+
+
+def _brute_lookup(seq, last, n, k):
+    suffix = seq[last - n + 1: last + 1]
+    if last - n + 1 < 0:
+        return [], []
+    for start in range(last - n, -1, -1):
+        if seq[start: start + n] == suffix:
+            cont = [seq[p] if p <= last else None for p in range(start + n, start + n + k)]
+            return cont, [c is not None for c in cont]
+    return [], []
+
+
+def test_lookup_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        seq = rng.integers(0, 4, size=24).tolist()
+        last = int(rng.integers(0, 20))
+        for n in (1, 2, 3):
+            draft, valid = lookup(jnp.asarray([seq]), jnp.asarray([last]), n, 4)
+            want, want_valid = _brute_lookup(seq, last, n, 4)
+            got_valid = np.asarray(valid[0]).tolist()
+            if not want:
+                assert not any(got_valid)
+            else:
+                assert got_valid == want_valid
+                assert [int(t) for t, v in zip(draft[0], got_valid, strict=True) if v] == [
+                    w for w in want if w is not None]
+
+
+def test_invalid_settings():
+    with pytest.raises(InvalidArgumentError, match="ngram"):
+        PromptLookup(min_ngram=3, max_ngram=2)
+    with pytest.raises(InvalidArgumentError, match="levels"):
+        TokenRecycling(levels=())
+
+
+def test_default_tree_and_matrix_size_for_smollm2():
+    from spec_jax.models import Config
+
+    tr = TokenRecycling()
+    assert tr.num_nodes == 80 and tr.max_depth == 6 and tr.template.level_sizes == (8, 21, 25, 15, 8, 3)
+    state = jax.eval_shape(lambda: tr.init(None, Config(vocab_size=49_152), 1, 128))
+    assert state["M"].size * state["M"].dtype.itemsize < 2 * 1024 * 1024  # 1.5 MB
+
+
+def test_budget_shrinks_when_verification_cost_grows_faster():
+    from spec_jax.policies.budget import choose_budget
+
+    rates = 0.9 ** np.arange(1, 41) * 0.8  # acceptance falls off with node rank
+    flat = {1: 0.010, 41: 0.010}  # GPU-like: 41 tokens cost as much as one
+    mild = {1: 0.010, 41: 0.030}
+    steep = {1: 0.010, 41: 0.080}  # CPU-like
+    n_flat, _ = choose_budget(rates, flat)
+    n_mild, _ = choose_budget(rates, mild)
+    n_steep, curve = choose_budget(rates, steep)
+    assert n_flat > n_mild > n_steep >= 1
+    assert n_flat == 40
+    best = max(curve, key=lambda c: c["tokens_per_second"])
+    assert best["nodes"] == n_steep
+
+
+def test_prune_template_keeps_ancestors():
+    from spec_jax.policies.budget import prune_template
+
+    tmpl = TreeTemplate.kary((3, 3))
+    rates = np.zeros(tmpl.num_nodes)
+    rates[tmpl.paths.index((2, 1))] = 0.5  # a deep node with a high rate pulls in its parent
+    rates[tmpl.paths.index((0,))] = 0.4
+    pruned = prune_template(tmpl, rates, 3)
+    assert set(pruned.paths) == {(2,), (2, 1), (0,)}
+
+
+def test_auto_budget_end_to_end(tiny):
+    from spec_jax.decoding.budget import auto_budget
+
+    params, cfg = tiny
+    prompts = _repetitive_prompts()
+    tr = TokenRecycling(k=4, levels=(4, 6, 4, 2))
+    steep = {t: 0.01 * t for t in range(1, 18)}  # every verified token costs a full step
+    engine, report, warm = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=steep)
+    assert 1 <= report["nodes"] < tr.num_nodes and engine.drafter.num_nodes == report["nodes"]
+    flat = {1: 0.01, 17: 0.0101}
+    engine_flat, report_flat, _ = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=flat)
+    assert report_flat["nodes"] >= report["nodes"]
+    ar = generate(Engine(cfg), params, prompts, 30).token_ids
+    assert generate(engine, params, prompts, 30, draft_params=warm).token_ids == ar

@@ -137,7 +137,8 @@ def apply_budget(args, engine, params, dparams, tok):
         from spec_jax.decoding.budget import auto_budget
 
         calib = [encode_prompt(tok, q, chat=True) for q in CALIBRATION_PROMPTS[:3]]
-        return auto_budget(engine, params, calib, draft_params=dparams)
+        engine, report, dparams = auto_budget(engine, params, calib, draft_params=dparams)
+        return engine, dparams, report
     try:
         n = int(budget)
     except ValueError:

@@ -197,3 +197,15 @@ def test_auto_budget_end_to_end(tiny):
     assert report_flat["nodes"] >= report["nodes"]
     ar = generate(Engine(cfg), params, prompts, 30).token_ids
     assert generate(engine, params, prompts, 30, draft_params=warm).token_ids == ar
+
+
+def test_measure_forward_cost(tiny, tmp_path, monkeypatch):
+    from spec_jax.policies.budget import measure_forward_cost
+
+    monkeypatch.setenv("SPEC_JAX_CACHE", str(tmp_path))
+    params, cfg = tiny
+    cost = measure_forward_cost(params, cfg, sizes=(1, 2, 9), context=16, repeats=2)
+    assert set(cost) == {1, 2, 9} and all(v > 0 for v in cost.values())
+    assert list(tmp_path.glob("budget/*.json"))  # cached per device and model
+    again = measure_forward_cost(params, cfg, sizes=(1, 9), context=16, repeats=2)
+    assert again == {1: cost[1], 9: cost[9]}

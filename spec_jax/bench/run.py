@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-HF_METHODS = ("hf_ar",)
+HF_METHODS = ("hf_ar", "hf_pld")  # transformers generate: plain, and with prompt_lookup_num_tokens
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -126,10 +126,12 @@ def _worker_hf(spec: dict) -> dict:
     for i, p in enumerate(prompts):
         with torch.no_grad():
             t = time.perf_counter()
+            extra = {"prompt_lookup_num_tokens": 10} if spec["method"] == "hf_pld" else {}
             out = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id)
+                                 pad_token_id=model.config.eos_token_id, **extra)
             sec = time.perf_counter() - t
         ids = out[0, len(p):].tolist()
+        # transformers does not report target forwards for prompt lookup; tau is left at AR's 1.0 there.
         rows.append({"index": i, "token_ids": ids, "new_tokens": len(ids), "seconds": sec,
                      "tokens_per_second": len(ids) / sec, "tau": 1.0, "target_forwards": len(ids)})
     return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None}
@@ -149,6 +151,20 @@ def _run_worker(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def parse_method(entry: str) -> tuple[str, dict]:
+    """`name/option=value/...`: a method with its own settings, e.g. `token_recycling/budget=auto`."""
+    from spec_jax.errors import InvalidArgumentError
+
+    name, *opts = entry.split("/")
+    overrides = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise InvalidArgumentError(f"method entry {entry!r}: expected name/option=value, got {opt!r}")
+        overrides[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
+    return name, overrides
+
+
 def cmd_bench(args) -> int:
     from spec_jax.bench.datasets import humaneval, mtbench
     from spec_jax.models.registry import load_tokenizer
@@ -162,12 +178,13 @@ def cmd_bench(args) -> int:
     results = {}
     for m in methods:
         print(f"[bench] {m}: {len(prompts)} prompts x {args.max_new_tokens} new tokens", file=sys.stderr)
-        method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, "method": m}
-        spec = {"method": m, "model": args.model, "dtype": args.dtype, "prompts": prompts,
+        name, overrides = parse_method(m)
+        method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, **overrides, "method": name}
+        spec = {"method": name, "model": args.model, "dtype": args.dtype, "prompts": prompts,
                 "max_new_tokens": args.max_new_tokens, "method_args": method_args,
-                "out_file": str(out_dir / f"{m}.worker.json")}
+                "out_file": str(out_dir / f"{m.replace('/', '_')}.worker.json")}
         results[m] = _run_worker(spec)
-        with open(out_dir / f"{m}.jsonl", "w") as f:
+        with open(out_dir / f"{m.replace('/', '_')}.jsonl", "w") as f:
             for row in results[m]["rows"]:
                 f.write(json.dumps({"method": m, **row}) + "\n")
     report = summarise(results, memory_bandwidth_gbs())

@@ -73,8 +73,8 @@ def measure_forward_cost(params, cfg: Config, sizes=(1, 2, 4, 8, 16, 24, 32, 48,
 
 
 def _levels_for(t: int) -> tuple[int, ...]:
-    """A tree of exactly t nodes: the root plus t-1 nodes spread over levels of width <= 8."""
-    n, levels = t - 1, []
+    """Level sizes of a tree of exactly t nodes, levels at most 8 wide."""
+    n, levels = t, []
     while n > 0:
         levels.append(min(8, n))
         n -= levels[-1]

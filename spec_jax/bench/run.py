@@ -131,9 +131,11 @@ def _worker_hf(spec: dict) -> dict:
                                  pad_token_id=model.config.eos_token_id, **extra)
             sec = time.perf_counter() - t
         ids = out[0, len(p):].tolist()
-        # transformers does not report target forwards for prompt lookup; tau is left at AR's 1.0 there.
+        # transformers does not report target forwards for prompt lookup: tau is unknown there.
+        ar = spec["method"] == "hf_ar"
         rows.append({"index": i, "token_ids": ids, "new_tokens": len(ids), "seconds": sec,
-                     "tokens_per_second": len(ids) / sec, "tau": 1.0, "target_forwards": len(ids)})
+                     "tokens_per_second": len(ids) / sec, "tau": 1.0 if ar else None,
+                     "target_forwards": len(ids) if ar else None})
     return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None}
 
 
@@ -208,13 +210,14 @@ def summarise(results: dict, bandwidth_gbs: float) -> str:
              "| draft ms/step | verify ms/step | warm-up s | peak RSS MB |", "|---" * 11 + "|"]
     for m, res in results.items():
         rows = res["rows"]
-        forwards = sum(r["target_forwards"] - 1 for r in rows)
-        tau = sum(r["new_tokens"] - 1 for r in rows) / forwards if forwards else 1.0
+        known = all(r["target_forwards"] is not None for r in rows)
+        forwards = sum(r["target_forwards"] - 1 for r in rows) if known else 0
+        tau = f"{sum(r['new_tokens'] - 1 for r in rows) / forwards:.2f}" if forwards else ("1.00" if known else "-")
         mism = sum(r["token_ids"] != a for r, a in zip(rows, ar_ids, strict=True)) if ar_ids else "-"
         fmt = lambda x: f"{x:.2f}" if x else "-"
         ph = res.get("phases") or {}
         ms = {k: f"{ph[k]:.1f}" if k in ph else "-" for k in ("draft_ms_per_step", "verify_ms_per_step")}
-        lines.append(f"| {m} | {tps(m):.1f} | {tau:.2f} | {fmt(ar and tps(m) / ar)} | {fmt(hf and tps(m) / hf)} "
+        lines.append(f"| {m} | {tps(m):.1f} | {tau} | {fmt(ar and tps(m) / ar)} | {fmt(hf and tps(m) / hf)} "
                      f"| {fmt(ceiling and tps(m) / ceiling)} | {mism} | {ms['draft_ms_per_step']} "
                      f"| {ms['verify_ms_per_step']} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |")
     if weight_bytes:

@@ -91,7 +91,7 @@ def load_tokenizer(model: str | os.PathLike):
             return AutoTokenizer.from_pretrained(cached)
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt below
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = _tokenizer_from_gguf(path)
     try:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tok.save_pretrained(tmp)
@@ -99,6 +99,48 @@ def load_tokenizer(model: str | os.PathLike):
     except OSError:
         pass  # caching is an optimisation only
     return tok
+
+
+def _gguf_metadata(path) -> dict:
+    """GGUF key/values with the `gguf` package (transformers' own GGUF reader needs PyTorch)."""
+    import gguf
+
+    from spec_jax.errors import CheckpointError
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001  (gguf raises assorted errors on corrupt files)
+        raise CheckpointError(f"{path}: cannot read GGUF metadata ({e})") from e
+    out = {}
+    for name, field in reader.fields.items():
+        if not field.types:
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+                out[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            else:
+                out[name] = field.contents()
+        else:
+            out[name] = field.contents()
+    return out
+
+
+def _tokenizer_from_gguf(path):
+    """transformers' GGUF tokenizer conversion, fed by the `gguf` package's reader (no PyTorch needed)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
+
+    meta = _gguf_metadata(path)
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in tm.GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)
+    for name, key in tm._SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, _ = tm.convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
 
 
 def check_same_tokenizer(target_tok, draft_tok, target_cfg: Config, draft_cfg: Config) -> None:

@@ -126,6 +126,7 @@ def apply_budget(args, engine, params, dparams, tok):
     import numpy as np
 
     from spec_jax.policies.budget import prune_template
+    from spec_jax.trees import rank_prior
 
     budget = getattr(args, "budget", None)
     if budget in (None, "", "none"):
@@ -146,7 +147,7 @@ def apply_budget(args, engine, params, dparams, tok):
     if not 1 <= n <= drafter.num_nodes:
         raise InvalidArgumentError(f"--budget {n} must be between 1 and the template's {drafter.num_nodes} nodes")
     tmpl = drafter.template
-    prior = np.array([np.prod([1.0 / (r + 1) for r in p]) for p in tmpl.paths])  # rank prior, as the template
+    prior = np.array([rank_prior(p) for p in tmpl.paths])  # the order the template itself was built in
     pruned = drafter.with_template(prune_template(tmpl, prior, n))
     return dataclasses.replace(engine, drafter=pruned), dparams, {"nodes": n}
 
@@ -203,7 +204,7 @@ def cmd_generate(args) -> int:
     phases = args.json if args.phase_timing is None else args.phase_timing
     gen = generate(engine, params, [prompt], args.max_new_tokens, seed=args.seed, draft_params=dparams,
                    stream=None if args.json else stream, time_phases=phases)
-    if getattr(args, "tr_matrix", None) and args.method == "token_recycling":
+    if args.tr_matrix and args.method == "token_recycling":
         from spec_jax.drafters.token_recycling import save_matrix
 
         save_matrix(gen.draft_params, args.tr_matrix)

@@ -121,10 +121,15 @@ class TreeTemplate:
         frontier = [()]
         for size in sizes:
             cands = [p + (r,) for p in frontier for r in range(width)]
-            cands.sort(key=lambda p: (-np.prod([1.0 / (r + 1) for r in p]), p))
+            cands.sort(key=lambda p: (-rank_prior(p), p))
             frontier = cands[:size]
             chosen += frontier
         return cls(tuple(chosen))
+
+
+def rank_prior(path: tuple[int, ...]) -> float:
+    """prod(1 / (rank + 1)) over a rank path: how promising a static-tree node is a priori."""
+    return float(np.prod([1.0 / (r + 1) for r in path]))
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:

@@ -34,3 +34,19 @@ def test_logits_and_greedy_match_transformers(both):
         # Both dequantise the same Q4_1/Q8_0 bytes; differences are fp32 summation order only.
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-3)
         assert generate(Engine(cfg), params, [ids], 32).token_ids[0] == hf_gen
+
+
+def test_tokenizer_without_torch_equals_transformers():
+    """Our GGUF tokenizer path (the `gguf` reader, no PyTorch) builds transformers' own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from spec_jax.models.registry import _tokenizer_from_gguf
+
+    path = resolve("smollm2-135m")
+    ours, theirs = _tokenizer_from_gguf(path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert ours.get_vocab() == theirs.get_vocab() and ours.eos_token == theirs.eos_token
+    for text in [*PROMPTS, "  tabs\tand ünïcode  "]:
+        assert ours(text).input_ids == theirs(text).input_ids
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == theirs.apply_chat_template(
+        chat, add_generation_prompt=True)

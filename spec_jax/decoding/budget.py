@@ -47,7 +47,7 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, draft_p
               "expected_tau": next(c["expected_tau"] for c in curve if c["nodes"] == n),
               "calibration_tau": committed / max(steps, 1), "draft_seconds_per_step": draft_s / max(steps, 1),
               "cost_seconds": cost, "curve": curve}
-    return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, gen.draft_params
+    return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, draft_params
 
 
 def _sizes(max_tokens: int) -> tuple[int, ...]:

@@ -51,6 +51,7 @@ class Proposal(NamedTuple):
     tree: DraftTree
     drafter: Any  # drafter state after propose
     cache: KVCache  # target cache (drafters may have written scratch entries)
+    pending: jax.Array  # [B] the tree's root: the token after the committed ones
     rng: jax.Array  # the state's next key
     verify_key: jax.Array
 
@@ -139,15 +140,14 @@ class Engine:
         pending = jnp.take_along_axis(state.tokens, lengths[:, None], axis=1)[:, 0]
         ctx = StepContext(params, self.cfg, state.cache, state.tokens, lengths, pending, self.sampling, k_draft)
         tree, dstate, cache = self.drafter.propose(dparams, state.drafter, ctx)
-        return Proposal(tree, dstate, cache, rng, k_verify)
+        return Proposal(tree, dstate, cache, pending, rng, k_verify)
 
     def verify_commit(self, params, dparams, state: DecodeState, proposal: Proposal) -> DecodeState:
         """The verifying half: target forward on the tree, verification, KV commit, drafter update."""
         cfg, drafter = self.cfg, self.drafter
         B = state.tokens.shape[0]
-        tree, dstate, cache, rng, k_verify = proposal
+        tree, dstate, cache, pending, rng, k_verify = proposal
         lengths = cache.lengths
-        pending = jnp.take_along_axis(state.tokens, lengths[:, None], axis=1)[:, 0]
         inputs, positions, mask = with_root(tree, pending, lengths)
         out = forward(params, cfg, inputs, positions, cache, mask if tree.num_nodes else None,
                       return_hidden=drafter.hidden_layers)

@@ -125,8 +125,7 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
         cand_fed.append(jnp.full((B, W * k), -1, jnp.int32))
         level_start += level_tok.shape[1]
         level_tok, level_score = toks, score
-        level_parent_fed = jnp.repeat(n_fed + jnp.arange(W, dtype=jnp.int32)[None], k, axis=1) + jnp.zeros(
-            (B, 1), jnp.int32)
+        level_parent_fed = jnp.broadcast_to(jnp.repeat(slots, k), (B, W * k))
 
     cat = lambda xs: jnp.concatenate(xs, axis=1)
     tok, score, parent, depth, fed = map(cat, (cand_tok, cand_score, cand_parent, cand_depth, cand_fed))

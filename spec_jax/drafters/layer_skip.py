@@ -102,8 +102,8 @@ def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_sk
         return float(_agreement(params, cfg, toks, mask, top1, jnp.asarray(gates)))
 
     layer_bytes = sum(param_bytes(v) for name, v in params.items() if name.startswith("layers_"))
-    head_share = (cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.jnp_dtype).itemsize) / (
-        layer_bytes + cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.jnp_dtype).itemsize)
+    head_bytes = cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.jnp_dtype).itemsize
+    head_share = head_bytes / (layer_bytes + head_bytes)
 
     def best_k(a: float, kept: int) -> tuple[float, int]:
         a = min(a, 0.999999)

@@ -26,7 +26,7 @@ import numpy as np
 from spec_jax.drafters.base import Drafter, StepContext, StepResult
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.models import Config
-from spec_jax.trees import TreeTemplate
+from spec_jax.trees import TreeTemplate, ancestor_mask
 
 # The paper's default tree: 80 nodes over 6 levels.
 DEFAULT_LEVELS = (8, 21, 25, 15, 8, 3)
@@ -98,10 +98,7 @@ def distinct_siblings(tokens_BxN: jax.Array, parents: np.ndarray) -> jax.Array:
     N = len(parents)
     earlier_sibling = (parents[:, None] == parents[None, :]) & (np.arange(N)[None, :] < np.arange(N)[:, None])
     dup = jnp.any((tokens_BxN[:, :, None] == tokens_BxN[:, None, :]) & earlier_sibling[None], axis=2)
-    valid = ~dup
-    for i in np.flatnonzero(parents >= 0):  # parents precede children: one forward pass suffices
-        valid = valid.at[:, i].set(valid[:, i] & valid[:, parents[i]])
-    return valid
+    return ~jnp.any(ancestor_mask(parents)[None] & dup[:, None, :], axis=2)  # no duplicate on the path
 
 
 def update_matrix(M_VxK: jax.Array, fed_BxT: jax.Array, top_BxTxK: jax.Array, valid_BxT: jax.Array) -> jax.Array:

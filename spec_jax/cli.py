@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spec_jax.errors import InvalidArgumentError, SpecJaxError
 
-METHODS = ("ar", "draft", "draft_tree", "layer_skip", "token_recycling", "pld")
+METHODS = ("ar", "draft", "draft_tree", "layer_skip", "token_recycling", "pld", "lookahead", "sam", "sam_tr")
 
 
 def _enable_compilation_cache() -> None:
@@ -46,7 +46,8 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-layers", type=int, default=8,
                    help="layers of the stand-in early-exit draft model (when --draft-model is not given)")
     p.add_argument("--draft-k", type=int, default=None,
-                   help="maximum draft length (default 5; for layer_skip, the k saved with the skip set)")
+                   help="maximum draft length (default 5; sam 6; sam_tr: depth of its retrieval path, 8; "
+                        "layer_skip: the k saved with the skip set)")
     p.add_argument("--length-policy", default="fixed", choices=["fixed", "heuristic", "svip"],
                    help="draft-length policy for chain drafters")
     p.add_argument("--skip-file", help="skip-set JSON written by `spec-jax search-skip` (layer_skip)")
@@ -68,6 +69,17 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     n = p.add_argument_group("prompt lookup (pld)")
     n.add_argument("--ngram-max", type=int, default=3, help="longest n-gram looked up")
     n.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram looked up")
+    la = p.add_argument_group("lookahead")
+    la.add_argument("--la-window", type=int, default=4, help="Jacobi window W (columns)")
+    la.add_argument("--la-ngram", type=int, default=4, help="n-gram size N (the window keeps N-1 levels)")
+    la.add_argument("--la-candidates", type=int, default=4, help="n-grams verified per step G")
+    la.add_argument("--la-no-prompt-ngrams", action="store_true",
+                    help="start the n-gram pool empty (the paper) instead of seeding it with the prompt's")
+    sa = p.add_argument_group("suffix automaton (sam, sam_tr)")
+    sa.add_argument("--sam-min-match", type=int, default=None,
+                    help="shortest match that drafts (default 1 for sam; 4 for sam_tr, below which it "
+                         "drafts with Token Recycling)")
+    sa.add_argument("--sam-corpus", help="static corpus: token ids (.npy) or text (.txt) to retrieve from too")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +118,28 @@ def build_method(args, params, cfg, target_tok=None):
         levels = _int_list(args.tr_levels, "--tr-levels")
         matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
         return TokenRecycling(k=args.tr_k, levels=levels), matrix
+    if args.method == "lookahead":
+        from spec_jax.drafters.lookahead import Lookahead
+
+        return Lookahead(window=args.la_window, ngram=args.la_ngram, candidates=args.la_candidates,
+                         seed_from_prompt=not args.la_no_prompt_ngrams), None
+    if args.method in ("sam", "sam_tr"):
+        from spec_jax.drafters.suffix_automaton import (
+            SAMHost,
+            SAMTokenRecycling,
+            SuffixAutomatonDrafter,
+            load_corpus,
+        )
+        from spec_jax.drafters.token_recycling import load_matrix
+
+        host = SAMHost(load_corpus(args.sam_corpus, target_tok) if args.sam_corpus else None)
+        if args.method == "sam":
+            return SuffixAutomatonDrafter(k=args.draft_k or 6, min_match=args.sam_min_match or 1,
+                                          host_state=host), None
+        matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
+        return SAMTokenRecycling(k=args.tr_k, levels=_int_list(args.tr_levels, "--tr-levels"),
+                                 sam_k=args.draft_k or 8, min_match=args.sam_min_match or 4,
+                                 host_state=host), matrix
     if args.method == "pld":
         from spec_jax.drafters.prompt_lookup import PromptLookup
 
@@ -133,7 +167,7 @@ def apply_budget(args, engine, params, dparams, tok):
         return engine, dparams, None
     drafter = engine.drafter
     if not hasattr(drafter, "with_template"):
-        raise InvalidArgumentError(f"--budget applies to tree drafters (token_recycling), not {args.method}")
+        raise InvalidArgumentError(f"--budget applies to tree drafters (token_recycling, sam_tr), not {args.method}")
     if str(budget) == "auto":
         from spec_jax.decoding.budget import auto_budget
 
@@ -204,7 +238,7 @@ def cmd_generate(args) -> int:
     phases = args.json if args.phase_timing is None else args.phase_timing
     gen = generate(engine, params, [prompt], args.max_new_tokens, seed=args.seed, draft_params=dparams,
                    stream=None if args.json else stream, time_phases=phases)
-    if args.tr_matrix and args.method == "token_recycling":
+    if args.tr_matrix and args.method in ("token_recycling", "sam_tr"):
         from spec_jax.drafters.token_recycling import save_matrix
 
         save_matrix(gen.draft_params, args.tr_matrix)

@@ -113,13 +113,16 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
         _assert_matches(counts, law)
 
 
-@pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld"])
+@pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld", "lookahead",
+                                     "sam", "sam_tr"])
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
+    from spec_jax.drafters.lookahead import Lookahead
     from spec_jax.drafters.prompt_lookup import PromptLookup
+    from spec_jax.drafters.suffix_automaton import SAMTokenRecycling, SuffixAutomatonDrafter
     from spec_jax.drafters.token_recycling import TokenRecycling
     from spec_jax.models import Config, init_params, truncate
     from spec_jax.policies import make_policy
@@ -148,10 +151,13 @@ def test_engine_sampling_matches_ar(drafter):
         "tree_topk": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
         "token_recycling": TokenRecycling(k=3, levels=(3, 4, 2)),
         "pld": PromptLookup(k=3, max_ngram=2),
+        "lookahead": Lookahead(window=2, ngram=3, candidates=2),  # pool seeded with the prompt's n-grams
+        "sam": SuffixAutomatonDrafter(k=3),
+        "sam_tr": SAMTokenRecycling(k=3, levels=(3, 2), sam_k=3, min_match=2),
     }[drafter]
-    if drafter == "token_recycling":  # a random warm matrix, so the first step already drafts real trees
+    if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
         dparams = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
-    elif drafter == "pld":
+    elif drafter != "chain" and not drafter.startswith("tree"):
         dparams = None
     spec_engine = Engine(cfg, spec_drafter, s)
     spec = sum(joint(spec_engine, dparams, seed + 100) for seed in range(2))

@@ -1,5 +1,5 @@
-"""Training-free drafters: Token Recycling and prompt lookup are exact under greedy decoding, and
-their data structures do what the papers say."""
+"""Training-free drafters: Token Recycling, prompt lookup, Lookahead and the suffix-automaton drafters
+are exact under greedy decoding, and their data structures do what the papers say."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from spec_jax.decoding import Engine, generate
+from spec_jax.drafters.lookahead import Lookahead, candidate_trie
 from spec_jax.drafters.prompt_lookup import PromptLookup, lookup
+from spec_jax.drafters.suffix_automaton import (
+    SAMTokenRecycling,
+    SuffixAutomaton,
+    SuffixAutomatonDrafter,
+    load_corpus,
+    longest_earlier_match,
+)
 from spec_jax.drafters.token_recycling import (
     TokenRecycling,
     distinct_siblings,
@@ -23,6 +31,10 @@ DRAFTERS = [
     TokenRecycling(k=2, levels=(2,)),
     PromptLookup(k=4, max_ngram=3, min_ngram=1),
     PromptLookup(k=2, max_ngram=2, min_ngram=2),
+    Lookahead(window=4, ngram=4, candidates=4),
+    Lookahead(window=3, ngram=2, candidates=2, seed_from_prompt=False),
+    SuffixAutomatonDrafter(k=5),
+    SAMTokenRecycling(k=4, levels=(4, 6, 4, 2), sam_k=6, min_match=2),
 ]
 
 
@@ -143,6 +155,10 @@ def test_lookup_matches_brute_force():
 def test_invalid_settings():
     with pytest.raises(InvalidArgumentError, match="ngram"):
         PromptLookup(min_ngram=3, max_ngram=2)
+    with pytest.raises(InvalidArgumentError, match="ngram >= 2"):
+        Lookahead(ngram=1)
+    with pytest.raises(InvalidArgumentError, match="min_match"):
+        SuffixAutomatonDrafter(min_match=0)
     with pytest.raises(InvalidArgumentError, match="levels"):
         TokenRecycling(levels=())
 
@@ -209,3 +225,105 @@ def test_measure_forward_cost(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.glob("budget/*.json"))  # cached per device and model
     again = measure_forward_cost(params, cfg, sizes=(1, 9), context=16, repeats=2)
     assert again == {1: cost[1], 9: cost[9]}
+
+
+# ----------------------------------------------------------------------------- suffix automaton
+
+def test_suffix_automaton_longest_match_equals_brute_force():
+    """Matching each token before adding it gives the longest suffix that occurred earlier, and the
+    state's first end position is that suffix's first occurrence; alphabets of 2..5 tokens."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        text = rng.integers(0, 2 + trial % 4, size=int(rng.integers(1, 70))).tolist()
+        sam, state, matched = SuffixAutomaton(), 0, 0
+        for i, t in enumerate(text):
+            state, matched = sam.advance(state, matched, t)
+            sam.extend(t)
+            state = sam.settle(state, matched)
+            want, first_end = longest_earlier_match(text, i)
+            assert matched == want, (trial, i)
+            if want:
+                assert sam.first_end[state] == first_end and sam.length[sam.link[state]] < matched <= sam.length[state]
+
+
+def test_suffix_automaton_continuation_and_static_corpus(tmp_path):
+    sam = SuffixAutomaton([1, 2, 3, 4, 1, 2])
+    state, matched = 0, 0
+    for t in (1, 2):
+        state, matched = sam.advance(state, matched, t)
+    assert matched == 2 and sam.continuation(state, 3) == [3, 4, 1]
+    # A repeating text is drafted as repeating (the copy runs on from its own output).
+    rep = SuffixAutomaton([5, 6, 5, 6])
+    assert rep.continuation(rep.settle(rep.advance(rep.advance(0, 0, 5)[0], 1, 6)[0], 2), 5, wrap=True) == [
+        5, 6, 5, 6, 5]
+    np.save(tmp_path / "corpus.npy", np.array([9, 8, 7, 6, 5], np.int32))
+    assert load_corpus(tmp_path / "corpus.npy").text == [9, 8, 7, 6, 5]
+    np.save(tmp_path / "bad.npy", np.zeros((2, 2)))
+    with pytest.raises(DataFormatError, match="1-D integer"):
+        load_corpus(tmp_path / "bad.npy")
+    with pytest.raises(DataFormatError, match="not found"):
+        load_corpus(tmp_path / "missing.npy")
+
+
+def test_sam_drafts_from_corpus_and_reports_host_time(tiny):
+    """A corpus holding the AR continuation is drafted from and accepted; host time is measured."""
+    params, cfg = tiny
+    prompt = np.random.default_rng(5).integers(3, 256, size=10).tolist()
+    ar = generate(Engine(cfg), params, [prompt], 30).token_ids[0]
+    plain = generate(Engine(cfg, SuffixAutomatonDrafter(k=4)), params, [prompt], 30)
+    corpus = SuffixAutomaton(prompt[-4:] + ar)
+    with_corpus = generate(Engine(cfg, SuffixAutomatonDrafter(k=4, corpus_bias=0, host_state=_host(corpus))),
+                           params, [prompt], 30)
+    assert plain.token_ids[0] == with_corpus.token_ids[0] == ar
+    assert with_corpus.tau > plain.tau and with_corpus.tau > 2.5
+    assert with_corpus.host_seconds > 0 and plain.host_seconds > 0
+
+
+def _host(corpus):
+    from spec_jax.drafters.suffix_automaton import SAMHost
+
+    return SAMHost(corpus)
+
+
+def test_sam_host_rebuilds_for_a_new_request():
+    from spec_jax.drafters.suffix_automaton import SAMHost
+
+    host = SAMHost()
+    buf = np.array([[1, 2, 3, 1, 2, 0, 0]])
+    draft, valid, match = host.draft(buf, np.array([4]), 2, 4)
+    assert match[0] == 2 and draft[0].tolist() == [3, 1] and valid[0].all()
+    other = np.array([[4, 4, 4, 4, 0, 0, 0]])  # a different text in the same slot: no stale automaton
+    draft, valid, match = host.draft(other, np.array([3]), 2, 4)
+    assert host.rows[0].sam.text == [4, 4, 4, 4] and match[0] == 3 and draft[0].tolist() == [4, 4]
+
+
+# ----------------------------------------------------------------------------- lookahead
+
+def test_candidate_trie_merges_shared_prefixes():
+    cand = jnp.array([[[5, 6, 7], [5, 6, 8], [9, 1, 1], [5, 2, 2]]])
+    used = jnp.array([[True, True, True, False]])
+    tokens, parents, valid = (np.asarray(a)[0] for a in candidate_trie(cand, used))
+    # chain 1 shares 5,6 with chain 0: only its third node is new, under chain 0's second node.
+    assert valid.tolist() == [True, True, True, False, False, True, True, True, True, False, False, False]
+    assert parents.tolist()[:9] == [-1, 0, 1, -1, 0, 1, -1, 6, 7]
+    assert parents[5] == 1 and tokens[5] == 8
+
+
+def test_lookahead_pool_fills_and_its_drafts_verify(tiny):
+    """Without prompt seeding, every accepted draft came from an n-gram the Jacobi window found."""
+    params, cfg = tiny
+    prompts = _repetitive_prompts()
+    la = Lookahead(window=5, ngram=3, candidates=3, seed_from_prompt=False)
+    engine = Engine(cfg, la)
+    padded, lens = engine.pad_prompts(prompts)
+    size = engine.cache_size(int(lens.max()), 48)
+    state = engine.prefill(params, None, jnp.asarray(padded), jnp.asarray(lens), jnp.full((3,), 48, jnp.int32),
+                           jax.random.key(0), size)
+    assert int(jnp.sum(state.drafter["count"])) == 0
+    state = engine.run(params, None, state, jnp.int32(1 << 30))
+    counts = np.asarray(state.drafter["count"])
+    assert (counts.sum(axis=1) > 0).all()  # every sequence pooled n-grams
+    pooled = np.asarray(state.drafter["pool"])
+    assert pooled[counts > 0].any()
+    assert (np.asarray(state.accepted) > 0).any(), "no pooled n-gram was ever accepted"
+    assert Engine.outputs(state) == generate(Engine(cfg), params, prompts, 48).token_ids

@@ -30,6 +30,7 @@ class Generation:
     node_hits: list[int] = dataclasses.field(default_factory=list)  # per tree node: times on the accepted path
     draft_seconds: float | None = None  # time in the drafting halves of the steps (phase-timed runs)
     verify_seconds: float | None = None  # time in the verifying halves (target forward, verify, commit)
+    host_seconds: float = 0.0  # time host drafters spent in host code (inside the draft phase)
     draft_params: Any = None  # the drafter's params for the next run (`Drafter.next_params`: hot start)
 
     @property
@@ -63,6 +64,7 @@ class Generation:
             "acceptance_by_depth": [round(a, 4) if a == a else None for a in self.acceptance_by_depth],
             "draft_seconds": None if self.draft_seconds is None else round(self.draft_seconds, 4),
             "verify_seconds": None if self.verify_seconds is None else round(self.verify_seconds, 4),
+            "host_seconds": round(self.host_seconds, 4),
         }
 
 
@@ -94,6 +96,7 @@ def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: i
     size = cache_size or engine.cache_size(int(lens.max()), max_new_tokens)
     engine.check(lens.tolist(), max_new_tokens, size)
     engine.drafter.check(engine.cfg, draft_params)
+    host0 = engine.drafter.host_seconds()
     t0 = time.perf_counter()
     state: DecodeState = engine.prefill(params, draft_params, jnp.asarray(padded), jnp.asarray(lens),
                                         jnp.full((len(prompts),), max_new_tokens, jnp.int32),
@@ -122,7 +125,7 @@ def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: i
         token_ids=engine.outputs(state), seconds=seconds, prefill_seconds=t_first,
         target_forwards=host.forwards.tolist(), accepted=host.accepted.tolist(),
         reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist(), node_hits=host.node_hits.tolist(),
-        draft_seconds=draft_s, verify_seconds=verify_s,
+        draft_seconds=draft_s, verify_seconds=verify_s, host_seconds=engine.drafter.host_seconds() - host0,
         draft_params=engine.drafter.next_params(draft_params, state.drafter))
 
 

@@ -98,6 +98,10 @@ class Drafter:
     def observe(self, params, state, result: StepResult):
         return state
 
+    def host_seconds(self) -> float:
+        """Seconds this drafter has spent in host code so far (host drafters; 0 for on-device ones)."""
+        return 0.0
+
     def next_params(self, params, state):
         """Params for the next run, given this run's final state (drafters that learn while decoding,
         like Token Recycling, carry what they learned across requests)."""

@@ -72,17 +72,8 @@ class TokenRecycling(Drafter):
     # ------------------------------------------------------------------ drafting
 
     def propose(self, params, state, ctx: StepContext):
-        tmpl = self.template
-        parents, depth, ranks = tmpl.parents, tmpl.depth, tmpl.ranks
-        B, N = ctx.pending.shape[0], tmpl.num_nodes
-        M = state["M"]
-        tokens = jnp.zeros((B, N), jnp.int32)
-        for d in range(1, tmpl.max_depth + 1):
-            idx = np.flatnonzero(depth == d)
-            par = parents[idx]
-            parent_tok = ctx.pending[:, None].repeat(len(idx), 1) if d == 1 else tokens[:, par]
-            tokens = tokens.at[:, idx].set(M[parent_tok, ranks[idx]])
-        return tmpl.build(tokens, valid_BxN=distinct_siblings(tokens, parents)), state, ctx.cache
+        tokens = fill_template(state["M"], ctx.pending, self.template)
+        return self.template.build(tokens, valid_BxN=distinct_siblings(tokens, self.template.parents)), state, ctx.cache
 
     # ------------------------------------------------------------------ update
 
@@ -91,6 +82,28 @@ class TokenRecycling(Drafter):
         fed_valid &= result.active[:, None]
         top = jax.lax.top_k(result.logits, self.k)[1].astype(jnp.int32)  # [B, 1+N, k]
         return {**state, "M": update_matrix(state["M"], result.inputs, top, fed_valid)}
+
+
+def fill_template(M_VxK: jax.Array, root_B: jax.Array, tmpl: TreeTemplate, chain_BxD: jax.Array | None = None,
+                  use_chain_BxD: jax.Array | None = None) -> jax.Array:
+    """Node tokens [B, N] by level-wise gathers: a node of rank r under a node holding t gets M[t, r].
+
+    With `chain`, the template's rank-0 path (nodes (0,), (0, 0), ...) holds chain[:, d-1] at depth
+    d where `use_chain` says so, and the nodes below it are gathered from those tokens (how `sam_tr`
+    hangs a retrieved continuation into the recycled tree).
+    """
+    parents, depth, ranks = tmpl.parents, tmpl.depth, tmpl.ranks
+    index = {p: i for i, p in enumerate(tmpl.paths)}
+    B, N = root_B.shape[0], tmpl.num_nodes
+    tokens = jnp.zeros((B, N), jnp.int32)
+    for d in range(1, tmpl.max_depth + 1):
+        idx = np.flatnonzero(depth == d)
+        parent_tok = root_B[:, None].repeat(len(idx), 1) if d == 1 else tokens[:, parents[idx]]
+        tokens = tokens.at[:, idx].set(M_VxK[parent_tok, ranks[idx]])
+        spine = index.get((0,) * d)
+        if chain_BxD is not None and spine is not None and d <= chain_BxD.shape[1]:
+            tokens = tokens.at[:, spine].set(jnp.where(use_chain_BxD[:, d - 1], chain_BxD[:, d - 1], tokens[:, spine]))
+    return tokens
 
 
 def distinct_siblings(tokens_BxN: jax.Array, parents: np.ndarray) -> jax.Array:

@@ -197,10 +197,15 @@ def encode_prompt(tok, text: str, chat: bool) -> list[int]:
     if not text:
         raise InvalidArgumentError("empty prompt: pass some text with --prompt")
     if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return list(ids)
+        return encode_messages(tok, [{"role": "user", "content": text}])
     return tok(text).input_ids
+
+
+def encode_messages(tok, messages: list[dict]) -> list[int]:
+    """A conversation through the model's chat template, ready for the assistant's next turn."""
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    return list(ids)
 
 
 def cmd_generate(args) -> int:

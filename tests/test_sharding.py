@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
             with jax.set_mesh(mesh):
                 out = generate(engine, sp, prompts, 12, draft_params=sdp, mesh=mesh).token_ids
             assert out == ref, (data, model)
-            q = sp["layers_0"]["self_attn"]["q_proj"]["weight"]
+            q = sp["layers_0"]["self_attn"]["q_proj"]["kernel"]
             assert model == 1 or len(q.sharding.device_set) == 8
     print("OK")
 """)

@@ -39,10 +39,15 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_questions(path: str | Path) -> list[dict]:
     """A Spec-Bench `question.jsonl`: question_id, category, turns (list of str), optional reference."""
     path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"question file {path} not found")
     rows = read_jsonl(path)
     for n, row in enumerate(rows, 1):
-        if not isinstance(row.get("turns"), list) or not all(isinstance(t, str) for t in row["turns"]):
-            raise DataFormatError(f"{path}: entry {n} has no 'turns' list of strings")
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}:{n}: expected a JSON object with question_id, category and turns")
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+            raise DataFormatError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
         row.setdefault("category", "default")
         row.setdefault("question_id", n)
     return rows
@@ -53,7 +58,42 @@ def mtbench() -> list[dict]:
     return load_questions(_package_file(*MTBENCH))
 
 
+DATASETS = ("mtbench", "humaneval")
+
+
+def load_dataset(name: str) -> list[dict]:
+    """`mtbench`, `humaneval`, or the path of a Spec-Bench-format question.jsonl."""
+    if name == "mtbench":
+        return mtbench()
+    if name == "humaneval":
+        return humaneval()
+    if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).exists():
+        return load_questions(name)
+    raise DataFormatError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a question.jsonl path")
+
+
+def select(questions: list[dict], categories: list[str] | None = None, per_category: int | None = None,
+           limit: int | None = None) -> list[dict]:
+    """Questions of the given categories (in file order), at most `per_category` of each and `limit` in all."""
+    present = list(dict.fromkeys(q["category"] for q in questions))
+    if categories:
+        unknown = [c for c in categories if c not in present]
+        if unknown:
+            raise DataFormatError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                                  f"this dataset has: {', '.join(present)}")
+    taken, out = {}, []
+    for q in questions:
+        c = q["category"]
+        if categories and c not in categories:
+            continue
+        if per_category is not None and taken.get(c, 0) >= per_category:
+            continue
+        taken[c] = taken.get(c, 0) + 1
+        out.append(q)
+    return out[:limit] if limit is not None else out
+
+
 def humaneval() -> list[dict]:
-    """HumanEval's 164 prompts as single-turn questions (category 'code')."""
+    """HumanEval's 164 prompts as single-turn questions (category 'humaneval')."""
     rows = read_jsonl(_package_file(*HUMANEVAL))
     return [{"question_id": r["task_id"], "category": "humaneval", "turns": [r["prompt"]]} for r in rows]

@@ -1,9 +1,12 @@
-"""`spec-jax bench`: several methods and Hugging Face transformers on the same prompts, in one run.
+"""`spec-jax bench`: several methods and Hugging Face transformers on the same questions, in one run.
 
-Each method runs in its own worker process, so its peak resident memory is its own; the parent
-collects per-prompt JSON lines and prints one table of tokens/s, tau, speedup over our AR, ratio
-over HF transformers, output mismatches against AR (greedy), peak memory and the roofline.
-Warm-up (one run per prompt-length bucket) and compile time are excluded from tokens/s and reported.
+Measured as Spec-Bench does it: each question's turns are generated in order (the second MT-Bench turn
+is sent after the model's own first answer), per-question tokens/s is new tokens over wall time
+summed over its turns, a method's speed is the mean over questions, and speedup is that mean over
+AR's mean in the same run. Compilation (and any other warm-up) is excluded from those figures and
+reported separately. Each method runs in its own worker process, so its peak resident memory is its
+own. Results go to a folder: JSON lines per method, `summary.md`, PNG plots and `run.json` (device,
+versions, config); see `spec_jax.bench.report`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-HF_METHODS = ("hf_ar", "hf_pld")  # transformers generate: plain, and with prompt_lookup_num_tokens
+HF_METHODS = ("hf_ar", "hf_pld", "hf_assisted")  # transformers generate: plain, prompt lookup, assisted
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -28,40 +29,54 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_model_args(p)
     p.add_argument("--config", help="YAML file of option defaults (configs/)")
-    p.add_argument("--methods", default="ar,draft,hf_ar",
-                   help=f"comma-separated: {', '.join(METHODS + HF_METHODS)}")
-    p.add_argument("--dataset", default="mtbench", choices=["mtbench", "humaneval"])
-    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--methods", default="ar,pld,hf_ar",
+                   help=f"comma-separated, each `name` or `name/option=value/...` (e.g. token_recycling/budget=auto); "
+                        f"names: {', '.join(METHODS + HF_METHODS)}")
+    p.add_argument("--dataset", default="mtbench",
+                   help="mtbench (80 questions, 2 turns), humaneval (164), or a Spec-Bench question.jsonl path")
+    p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
+    p.add_argument("--per-category", type=int, default=None, help="at most this many questions per category")
+    p.add_argument("--num-prompts", type=int, default=None, help="at most this many questions in all")
+    p.add_argument("--max-turns", type=int, default=None, help="turns per question (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_drafter_args(p)
+    p.add_argument("--hf-pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for hf_pld")
     p.add_argument("--out", default="results/bench", help="results folder")
-
-
-# ----------------------------------------------------------------------------- measurement helpers
-
-def memory_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Measured copy bandwidth in GB/s (read + write counted)."""
-    a = np.ones(nbytes // 8)
-    b = np.empty_like(a)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _chat_prompts(tok, questions):
-    from spec_jax.cli import encode_prompt
-
-    return [encode_prompt(tok, q["turns"][0], chat=True) for q in questions]
-
-
 # ----------------------------------------------------------------------------- workers
+
+def _conversations(spec, tok, answer):
+    """Run every question's turns in order; `answer(ids)` -> (new ids, stats). Yields one row per question."""
+    from tqdm import tqdm
+
+    from spec_jax.cli import encode_messages
+
+    for q in tqdm(spec["questions"], desc=spec["entry"], file=sys.stderr, unit="q", mininterval=5):
+        messages, turns = [], []
+        for text in q["turns"][: spec["max_turns"]]:
+            messages.append({"role": "user", "content": text})
+            ids = encode_messages(tok, messages)
+            new, stats = answer(ids)
+            messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+            turns.append({"prompt_tokens": len(ids), "token_ids": new, **stats})
+        yield _question_row(q, turns)
+
+
+def _question_row(q: dict, turns: list[dict]) -> dict:
+    new = sum(t["new_tokens"] for t in turns)
+    sec = sum(t["seconds"] for t in turns)
+    row = {"question_id": q["question_id"], "category": q["category"], "new_tokens": new, "seconds": sec,
+           "tokens_per_second": new / sec if sec else float("nan"), "turns": turns}
+    if all(t.get("target_forwards") is not None for t in turns):
+        steps = sum(t["target_forwards"] - 1 for t in turns)
+        row["tau"] = sum(t["new_tokens"] - 1 for t in turns) / steps if steps else 1.0
+    return row
+
 
 def _worker_ours(spec: dict) -> dict:
     from spec_jax.cli import _enable_compilation_cache, apply_budget, build_method
@@ -77,87 +92,144 @@ def _worker_ours(spec: dict) -> dict:
     t = time.perf_counter()
     engine, dparams, budget = apply_budget(args, Engine(cfg, drafter), params, dparams, tok)
     budget_seconds = time.perf_counter() - t
-    prompts = spec["prompts"]
     max_new = spec["max_new_tokens"]
-    size = engine.cache_size(max(map(len, prompts)), max_new)
-    t = time.perf_counter()
-    seen = set()
-    for p in prompts:  # warm-up: compile once per prompt-length bucket
-        bucket = engine.pad_prompts([p])[0].shape[1]
-        if bucket not in seen:
+    size = engine.cache_size(spec["max_prompt_tokens"], max_new)
+    seen, warm = set(), [0.0]
+    state = {"params": dparams}  # drafters that learn while decoding (Token Recycling) carry what they
+    # learned from question to question, starting from their initial params, not from warm-up runs
+
+    def answer(ids):
+        bucket = engine.pad_prompts([ids])[0].shape[1]
+        if bucket not in seen:  # compile for this prompt-length bucket, untimed
             seen.add(bucket)
-            generate(engine, params, [p], max_new, draft_params=dparams, cache_size=size)
-    warmup = time.perf_counter() - t
-    rows = []
-    carried = dparams  # drafters that learn while decoding (Token Recycling) carry state across prompts,
-    for i, p in enumerate(prompts):  # starting from their initial params, not from the warm-up runs
-        g = generate(engine, params, [p], max_new, draft_params=carried, cache_size=size)
-        carried = g.draft_params
-        rows.append({"index": i, "token_ids": g.token_ids[0], **g.stats()})
-    # Where the time goes: the first prompt again, drafting and verification timed apart (after a
-    # compile of the two halves); throughput above comes from the fused loop.
-    generate(engine, params, [prompts[0]], 4, draft_params=dparams, cache_size=size, time_phases=True)
-    g = generate(engine, params, [prompts[0]], max_new, draft_params=dparams, cache_size=size, time_phases=True)
-    steps = sum(g.target_forwards) - 1
-    phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps}
-    return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(),
-            "weight_bytes": param_bytes(params), "phases": phases, "budget": budget,
-            "budget_seconds": budget_seconds}
+            t = time.perf_counter()
+            generate(engine, params, [ids], 2, draft_params=dparams, cache_size=size)
+            warm[0] += time.perf_counter() - t
+        g = generate(engine, params, [ids], max_new, draft_params=state["params"], cache_size=size)
+        state["params"] = g.draft_params
+        stats = g.stats()
+        steps = stats["target_forwards"] - 1
+        stats["accepted_hist"] = _accepted_hist(g.accepted_at, steps)
+        return g.token_ids[0], stats
+
+    rows = list(_conversations(spec, tok, answer))
+    # Where the time goes: the first question's first turn again with drafting and verification
+    # timed apart (after compiling the two halves); the speed figures above come from the fused loop.
+    from spec_jax.cli import encode_messages
+
+    first = encode_messages(tok, [{"role": "user", "content": spec["questions"][0]["turns"][0]}])
+    t = time.perf_counter()
+    generate(engine, params, [first], 4, draft_params=dparams, cache_size=size, time_phases=True)
+    warm[0] += time.perf_counter() - t
+    g = generate(engine, params, [first], max_new, draft_params=dparams, cache_size=size, time_phases=True)
+    steps = max(sum(g.target_forwards) - 1, 1)
+    phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps,
+              "host_ms_per_step": 1e3 * g.host_seconds / steps}
+    return {"rows": rows, "warmup_seconds": warm[0], "peak_rss_mb": peak_rss_mb(), "weight_bytes": param_bytes(params),
+            "phases": phases, "budget": budget, "budget_seconds": budget_seconds, "nodes": engine.drafter.num_nodes,
+            "device": _device()}
+
+
+def _accepted_hist(accepted_at: list[int], steps: int) -> list[int]:
+    """Steps that accepted exactly n drafts, n = 0..D (from the per-depth counts of accepting steps)."""
+    at_least = [steps] + list(accepted_at) + [0]
+    return [max(at_least[n] - at_least[n + 1], 0) for n in range(len(accepted_at) + 1)]
 
 
 def _worker_hf(spec: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from spec_jax.models.registry import resolve
+    from spec_jax.models.registry import load_tokenizer, resolve
 
     torch.set_num_threads(os.cpu_count() or 1)
-    path = resolve(spec["model"])
-    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent if kw else path, dtype=torch.float32, **kw)
-    model.eval()
-    prompts = spec["prompts"]
+    model = _hf_model(resolve(spec["model"]))
+    tok = load_tokenizer(spec["model"])
+    extra = {}
+    if spec["method"] == "hf_pld":
+        extra = {"prompt_lookup_num_tokens": spec["method_args"]["hf_pld_tokens"]}
+    elif spec["method"] == "hf_assisted":
+        extra = {"assistant_model": _hf_model(_export_draft(spec))}
     max_new = spec["max_new_tokens"]
     t = time.perf_counter()
     with torch.no_grad():
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False)
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, do_sample=False, **extra)
     warmup = time.perf_counter() - t
-    rows = []
-    for i, p in enumerate(prompts):
+
+    def answer(ids):
         with torch.no_grad():
             t = time.perf_counter()
-            extra = {"prompt_lookup_num_tokens": 10} if spec["method"] == "hf_pld" else {}
-            out = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=model.config.eos_token_id, **extra)
             sec = time.perf_counter() - t
-        ids = out[0, len(p):].tolist()
-        # transformers does not report target forwards for prompt lookup: tau is unknown there.
+        new = out[0, len(ids):].tolist()
+        # transformers does not report target forwards for prompt lookup or assisted generation.
         ar = spec["method"] == "hf_ar"
-        rows.append({"index": i, "token_ids": ids, "new_tokens": len(ids), "seconds": sec,
-                     "tokens_per_second": len(ids) / sec, "tau": 1.0 if ar else None,
-                     "target_forwards": len(ids) if ar else None})
-    return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None}
+        return new, {"new_tokens": len(new), "seconds": sec, "tokens_per_second": len(new) / sec,
+                     "target_forwards": len(new) if ar else None}
+
+    rows = list(_conversations(spec, tok, answer))
+    return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None,
+            "device": {"platform": "cpu (torch)", "threads": torch.get_num_threads()}}
+
+
+def _hf_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(path.parent if kw else path, dtype=torch.float32, **kw)
+    return model.eval()
+
+
+def _export_draft(spec: dict) -> Path:
+    """The draft model for `hf_assisted` in HF format: `--draft-model`, or the same stand-in `draft` uses
+    (the target's first `--draft-layers` layers), exported with `models.export_hf`."""
+    from spec_jax.models import truncate
+    from spec_jax.models.loading import export_hf
+    from spec_jax.models.registry import load_model, resolve
+
+    a = spec["method_args"]
+    if a.get("draft_model"):
+        path = resolve(a["draft_model"])
+        if path.suffix == ".gguf" or (path / "config.json").exists():
+            return path
+    params, cfg = load_model(spec["model"], "float32")
+    dparams, dcfg = truncate(params, cfg, a["draft_layers"])
+    return export_hf(dparams, dcfg, Path(tempfile.mkdtemp(prefix="spec-jax-draft-")) / "draft")
+
+
+def _device() -> dict:
+    import jax
+
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count()}
 
 
 def _run_worker(spec: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    out = spec["out_file"]
+    out = Path(spec["out_file"])
     proc = subprocess.run([sys.executable, "-m", "spec_jax.bench.run", "--worker", f.name],
                           stdout=sys.stderr, stderr=sys.stderr)
     os.unlink(f.name)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {spec['method']} failed (exit {proc.returncode})")
-    return json.loads(Path(out).read_text())
+        raise RuntimeError(f"benchmark worker for {spec['entry']} failed (exit {proc.returncode}); its error is above")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
 # ----------------------------------------------------------------------------- driver
 
 def parse_method(entry: str) -> tuple[str, dict]:
     """`name/option=value/...`: a method with its own settings, e.g. `token_recycling/budget=auto`."""
+    from spec_jax.cli import METHODS
     from spec_jax.errors import InvalidArgumentError
 
     name, *opts = entry.split("/")
+    if name not in METHODS + HF_METHODS:
+        raise InvalidArgumentError(f"unknown method {name!r} in {entry!r}; valid methods: "
+                                   f"{', '.join(METHODS + HF_METHODS)}")
     overrides = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
@@ -168,64 +240,51 @@ def parse_method(entry: str) -> tuple[str, dict]:
 
 
 def cmd_bench(args) -> int:
-    from spec_jax.bench.datasets import humaneval, mtbench
+    from spec_jax.bench import report
+    from spec_jax.bench.datasets import load_dataset, select
+    from spec_jax.cli import encode_messages
+    from spec_jax.errors import InvalidArgumentError
     from spec_jax.models.registry import load_tokenizer
 
-    questions = (mtbench() if args.dataset == "mtbench" else humaneval())[: args.num_prompts]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    parsed = {m: parse_method(m) for m in methods}  # refuse a bad entry before any work
+    for m, (_, overrides) in parsed.items():
+        unknown = [k for k in overrides if k not in vars(args)]
+        if unknown:
+            raise InvalidArgumentError(f"method entry {m!r}: unknown option {unknown[0]!r}; see `spec-jax bench --help`")
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    questions = select(load_dataset(args.dataset), cats, args.per_category, args.num_prompts)
+    if not questions:
+        raise InvalidArgumentError("no questions selected; check --categories, --per-category and --num-prompts")
     tok = load_tokenizer(args.model)
-    prompts = _chat_prompts(tok, questions)
+    turns = args.max_turns or max(len(q["turns"]) for q in questions)
+    # Room for later turns: the earlier turns' text and answers are part of their prompts.
+    longest = max(len(encode_messages(tok, [{"role": "user", "content": "\n".join(q["turns"][:turns])}]))
+                  for q in questions)
+    max_prompt = longest + (turns - 1) * (args.max_new_tokens + 16)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    report.write_run_info(out_dir, args, methods, questions)
     results = {}
     for m in methods:
-        print(f"[bench] {m}: {len(prompts)} prompts x {args.max_new_tokens} new tokens", file=sys.stderr)
-        name, overrides = parse_method(m)
+        print(f"[bench] {m}: {len(questions)} questions x {turns} turn(s) x {args.max_new_tokens} new tokens",
+              file=sys.stderr)
+        name, overrides = parsed[m]
         method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, **overrides, "method": name}
-        spec = {"method": name, "model": args.model, "dtype": args.dtype, "prompts": prompts,
-                "max_new_tokens": args.max_new_tokens, "method_args": method_args,
-                "out_file": str(out_dir / f"{m.replace('/', '_')}.worker.json")}
+        spec = {"entry": m, "method": name, "model": args.model, "dtype": args.dtype, "questions": questions,
+                "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,
+                "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
         results[m] = _run_worker(spec)
-        with open(out_dir / f"{m.replace('/', '_')}.jsonl", "w") as f:
+        with open(out_dir / f"{_slug(m)}.jsonl", "w") as f:
             for row in results[m]["rows"]:
                 f.write(json.dumps({"method": m, **row}) + "\n")
-    report = summarise(results, memory_bandwidth_gbs())
-    (out_dir / "summary.md").write_text(report + "\n")
-    print(report)
+    text = report.write_report(out_dir, results, greedy=True)
+    print(text)
     return 0
 
 
-def summarise(results: dict, bandwidth_gbs: float) -> str:
-    """Markdown table: tokens/s (total tokens / total time), tau, speedups, mismatches, memory."""
-    def tps(m):
-        rows = results[m]["rows"]
-        return sum(r["new_tokens"] for r in rows) / sum(r["seconds"] for r in rows)
-
-    ar = tps("ar") if "ar" in results else None
-    hf = tps("hf_ar") if "hf_ar" in results else None
-    weight_bytes = next((r["weight_bytes"] for r in results.values() if r["weight_bytes"]), None)
-    ceiling = bandwidth_gbs * 1e9 / weight_bytes if weight_bytes else None
-    ar_ids = [r["token_ids"] for r in results["ar"]["rows"]] if "ar" in results else None
-    lines = ["| method | tokens/s | tau | speedup vs our AR | vs HF AR | x roofline | mismatches vs AR "
-             "| draft ms/step | verify ms/step | warm-up s | peak RSS MB |", "|---" * 11 + "|"]
-    for m, res in results.items():
-        rows = res["rows"]
-        known = all(r["target_forwards"] is not None for r in rows)
-        forwards = sum(r["target_forwards"] - 1 for r in rows) if known else 0
-        tau = f"{sum(r['new_tokens'] - 1 for r in rows) / forwards:.2f}" if forwards else ("1.00" if known else "-")
-        mism = sum(r["token_ids"] != a for r, a in zip(rows, ar_ids, strict=True)) if ar_ids else "-"
-        fmt = lambda x: f"{x:.2f}" if x else "-"
-        ph = res.get("phases") or {}
-        ms = {k: f"{ph[k]:.1f}" if k in ph else "-" for k in ("draft_ms_per_step", "verify_ms_per_step")}
-        lines.append(f"| {m} | {tps(m):.1f} | {tau} | {fmt(ar and tps(m) / ar)} | {fmt(hf and tps(m) / hf)} "
-                     f"| {fmt(ceiling and tps(m) / ceiling)} | {mism} | {ms['draft_ms_per_step']} "
-                     f"| {ms['verify_ms_per_step']} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |")
-    if weight_bytes:
-        lines.append("")
-        lines.append(f"Roofline: {weight_bytes / 1e6:.0f} MB of weights read per target forward at a "
-                     f"measured {bandwidth_gbs:.1f} GB/s copy bandwidth -> AR ceiling "
-                     f"{ceiling:.1f} tokens/s.")
-    return "\n".join(lines)
+def _slug(entry: str) -> str:
+    return entry.replace("/", "_").replace("=", "-")
 
 
 def _worker_main(spec_file: str) -> int:

@@ -1,7 +1,8 @@
 """Load Llama-family checkpoints (HF safetensors directories, GGUF files) and export back to HF.
 
-Both loaders produce the same parameter tree as `llama.init_params` (HF layout, `weight[out, in]`)
-and check every tensor's presence and shape against it, so a bad checkpoint fails here with the
+Both loaders produce the same parameter tree as `llama.init_params` (HF module names; projections
+as `kernel[in, out]`, the transpose of a checkpoint's `weight[out, in]`) and check every tensor's
+presence and shape against it, so a bad checkpoint fails here with the
 tensor's name rather than deep inside XLA.
 """
 
@@ -35,11 +36,19 @@ def _hf_to_path(name: str) -> tuple[str, ...] | None:
     if name == "model.norm.weight":
         return ("norm", "weight")
     if name == "lm_head.weight":
-        return ("lm_head", "weight")
+        return ("lm_head", "kernel")
     m = _LAYER.match(name)
     if m:
-        return (f"layers_{m.group(1)}", *m.group(2).split("."))
+        *module, leaf = m.group(2).split(".")
+        if leaf == "weight" and module[-1].endswith("_proj"):
+            leaf = "kernel"  # stored transposed, see `_is_kernel`
+        return (f"layers_{m.group(1)}", *module, leaf)
     return ("<unknown>", name)
+
+
+def _is_kernel(path: tuple[str, ...]) -> bool:
+    """Projection matrices are kept as kernel[in, out]: the transpose of the checkpoint's weight."""
+    return path[-1] == "kernel"
 
 
 def _path_to_hf(path: tuple[str, ...]) -> str:
@@ -50,7 +59,8 @@ def _path_to_hf(path: tuple[str, ...]) -> str:
     if path[0] == "lm_head":
         return "lm_head.weight"
     layer = path[0].split("_")[1]
-    return ".".join(("model", "layers", layer, *path[1:]))
+    leaf = "weight" if _is_kernel(path) else path[-1]
+    return ".".join(("model", "layers", layer, *path[1:-1], leaf))
 
 
 _GGUF_LAYER_NAMES = {
@@ -96,6 +106,8 @@ def _assemble(cfg: Config, tensors: dict[str, np.ndarray | jax.Array], source: s
                 continue  # some exports store the tied head too
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} model")
         want = flat_expected[path].shape
+        if _is_kernel(path):
+            want = want[::-1]  # compare in the checkpoint's orientation
         if tuple(value.shape) != tuple(want):
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(want)}; "
@@ -104,6 +116,7 @@ def _assemble(cfg: Config, tensors: dict[str, np.ndarray | jax.Array], source: s
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
+        value = np.asarray(value).T if _is_kernel(path) else value
         node[path[-1]] = jnp.asarray(value, dtype=cfg.jnp_dtype)
     missing = [_path_to_hf(p) for p in flat_expected if not _has(params, p)]
     if missing:
@@ -189,7 +202,7 @@ def export_hf(params, cfg: Config, out_dir: str | os.PathLike, tokenizer=None) -
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tensors = {_path_to_hf(p): jnp.asarray(v) for p, v in _flatten(jax.device_get(params))}
+        tensors = {_path_to_hf(p): jnp.asarray(v.T if _is_kernel(p) else v) for p, v in _flatten(jax.device_get(params))}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         if tokenizer is not None:

@@ -1,0 +1,257 @@
+"""Benchmark reports: the Markdown summary, PNG plots, and the record of what ran where.
+
+Figures follow Spec-Bench: a method's speed is the mean over questions of per-question tokens/s;
+speedup is that mean over AR's in the same run (per category and overall); tau is tokens committed
+per target forward counting the bonus token; for greedy runs, mismatches count the questions whose
+output differs from AR's in any turn. The roofline is the AR ceiling set by reading the weights once
+per token at the measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+def memory_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Measured copy bandwidth in GB/s (read + write counted)."""
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("spec-jax", "jax", "jaxlib", "flax", "optax", "numpy", "transformers", "torch", "gguf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_run_info(out_dir: Path, args, methods: list[str], questions: list[dict]) -> None:
+    """`run.json`: the command, its options, the questions, the machine and the software versions."""
+    import os
+
+    info = {
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "methods": methods,
+        "options": {k: v for k, v in vars(args).items() if k != "fn"},
+        "questions": [q["question_id"] for q in questions],
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "versions": _versions(),
+    }
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- figures
+
+def mean_tps(rows: list[dict]) -> float:
+    return float(np.mean([r["tokens_per_second"] for r in rows])) if rows else float("nan")
+
+
+def tau(rows: list[dict]) -> float | None:
+    """Tokens per target forward over all turns (None when the method does not report forwards)."""
+    turns = [t for r in rows for t in r["turns"]]
+    if not turns or any(t.get("target_forwards") is None for t in turns):
+        return None
+    steps = sum(t["target_forwards"] - 1 for t in turns)
+    return sum(t["new_tokens"] - 1 for t in turns) / steps if steps else 1.0
+
+
+def mismatches(rows: list[dict], ar_rows: list[dict]) -> int:
+    ar = {r["question_id"]: [t["token_ids"] for t in r["turns"]] for r in ar_rows}
+    return sum([t["token_ids"] for t in r["turns"]] != ar.get(r["question_id"]) for r in rows)
+
+
+def accepted_hist(rows: list[dict]) -> np.ndarray | None:
+    hists = [t["accepted_hist"] for r in rows for t in r["turns"] if t.get("accepted_hist")]
+    if not hists:
+        return None
+    out = np.zeros(max(map(len, hists)), np.int64)
+    for h in hists:
+        out[: len(h)] += h
+    return out
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def summary_table(results: dict, bandwidth_gbs: float) -> tuple[str, dict]:
+    """The overall table and the numbers behind it."""
+    ar = mean_tps(results["ar"]["rows"]) if "ar" in results else None
+    hf = mean_tps(results["hf_ar"]["rows"]) if "hf_ar" in results else None
+    weight_bytes = next((r["weight_bytes"] for r in results.values() if r.get("weight_bytes")), None)
+    ceiling = bandwidth_gbs * 1e9 / weight_bytes if weight_bytes else None
+    lines = ["| method | tokens/s | tau | speedup vs AR | vs HF AR | x roofline | mismatches vs AR | draft ms/step "
+             "| verify ms/step | host ms/step | compile+warm-up s | peak RSS MB |", "|---" * 12 + "|"]
+    numbers = {}
+    for m, res in results.items():
+        rows = res["rows"]
+        v, t = mean_tps(rows), tau(rows)
+        ph = res.get("phases") or {}
+        mism = mismatches(rows, results["ar"]["rows"]) if "ar" in results else None
+        numbers[m] = {"tokens_per_second": v, "tau": t, "speedup": v / ar if ar else None,
+                      "vs_hf": v / hf if hf else None, "x_roofline": v / ceiling if ceiling else None,
+                      "mismatches": mism, "nodes": res.get("nodes")}
+        lines.append(
+            f"| {m} | {v:.1f} | {_fmt(t)} | {_fmt(numbers[m]['speedup'])} | {_fmt(numbers[m]['vs_hf'])} "
+            f"| {_fmt(numbers[m]['x_roofline'])} | {'-' if mism is None else mism} "
+            f"| {_fmt(ph.get('draft_ms_per_step'), '.1f')} | {_fmt(ph.get('verify_ms_per_step'), '.1f')} "
+            f"| {_fmt(ph.get('host_ms_per_step'), '.2f')} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |")
+    if ceiling:
+        lines += ["", f"Roofline: {weight_bytes / 1e6:.0f} MB of weights read per target forward at a measured "
+                      f"{bandwidth_gbs:.1f} GB/s copy bandwidth: AR ceiling {ceiling:.1f} tokens/s."]
+    return "\n".join(lines), {"methods": numbers, "ar_ceiling": ceiling, "bandwidth_gbs": bandwidth_gbs}
+
+
+def category_table(results: dict) -> tuple[str, dict]:
+    """Method x category: tokens/s, speedup vs AR, tau, mismatches."""
+    cats = list(dict.fromkeys(r["category"] for res in results.values() for r in res["rows"]))
+    ar_rows = results["ar"]["rows"] if "ar" in results else None
+    lines = ["| method | category | questions | tokens/s | speedup vs AR | tau | mismatches vs AR |", "|---" * 7 + "|"]
+    numbers = {}
+    for m, res in results.items():
+        for c in cats:
+            rows = [r for r in res["rows"] if r["category"] == c]
+            if not rows:
+                continue
+            v = mean_tps(rows)
+            ar_c = mean_tps([r for r in ar_rows if r["category"] == c]) if ar_rows else None
+            mism = mismatches(rows, ar_rows) if ar_rows else None
+            numbers.setdefault(m, {})[c] = {"tokens_per_second": v, "speedup": v / ar_c if ar_c else None,
+                                            "tau": tau(rows), "mismatches": mism, "questions": len(rows)}
+            lines.append(f"| {m} | {c} | {len(rows)} | {v:.1f} | {_fmt(numbers[m][c]['speedup'])} "
+                         f"| {_fmt(numbers[m][c]['tau'])} | {'-' if mism is None else mism} |")
+    return "\n".join(lines), numbers
+
+
+def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str]:
+    """speedup_by_category.png, accepted_length.png, tps_vs_budget.png, roofline.png (those that apply)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = [m for m in results if m != "ar"]
+    cats = list(dict.fromkeys(c for m in by_cat for c in by_cat[m]))
+    if "ar" in results and methods:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) + 2), 4))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            vals = [by_cat.get(m, {}).get(c, {}).get("speedup") or 0 for c in cats]
+            ax.bar(np.arange(len(cats)) + i * width, vals, width, label=m)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats, rotation=30, ha="right")
+        ax.set_ylabel("speedup vs our AR")
+        ax.set_title("Speedup by category")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "speedup_by_category.png", dpi=120)
+        plt.close(fig)
+        written.append("speedup_by_category.png")
+
+    hists = {m: accepted_hist(r["rows"]) for m, r in results.items()}
+    hists = {m: h for m, h in hists.items() if h is not None and len(h) > 1}
+    if hists:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(hists)
+        for i, (m, h) in enumerate(hists.items()):
+            ax.bar(np.arange(len(h)) + i * width, h / max(h.sum(), 1), width, label=m)
+        ax.set_xlabel("draft tokens accepted in a step")
+        ax.set_ylabel("fraction of steps")
+        ax.set_title("Accepted length")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "accepted_length.png", dpi=120)
+        plt.close(fig)
+        written.append("accepted_length.png")
+
+    # tokens/s against the draft budget (tree size), one line per method family
+    families: dict[str, list] = {}
+    for m, n in overall["methods"].items():
+        if n.get("nodes"):
+            families.setdefault(m.split("/")[0], []).append((n["nodes"], n["tokens_per_second"], m))
+    if any(len(v) > 1 for v in families.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for fam, pts in families.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam)
+        if "ar" in overall["methods"]:
+            ax.axhline(overall["methods"]["ar"]["tokens_per_second"], color="k", ls="--", lw=0.8, label="ar")
+        ax.set_xlabel("draft budget (tree nodes)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title("Tokens/s against draft budget")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "tps_vs_budget.png", dpi=120)
+        plt.close(fig)
+        written.append("tps_vs_budget.png")
+
+    ceiling = overall.get("ar_ceiling")
+    if ceiling:
+        names = list(overall["methods"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4))
+        ax.bar(names, [overall["methods"][m]["tokens_per_second"] for m in names])
+        ax.axhline(ceiling, color="r", ls="--", label=f"AR roofline {ceiling:.1f} tok/s")
+        ax.set_ylabel("tokens/s")
+        ax.set_title("Tokens/s against the AR memory-bandwidth ceiling")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "roofline.png", dpi=120)
+        plt.close(fig)
+        written.append("roofline.png")
+    return written
+
+
+def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
+    """summary.md, summary.json and the plots; returns the Markdown."""
+    bandwidth = memory_bandwidth_gbs()
+    table, overall = summary_table(results, bandwidth)
+    cat_table, by_cat = category_table(results)
+    budgets = {m: r["budget"] for m, r in results.items() if r.get("budget")}
+    lines = ["# Benchmark summary", "", table, "", "## By category", "", cat_table]
+    if budgets:
+        lines += ["", "## Draft budgets chosen by --budget auto", ""]
+        for m, b in budgets.items():
+            lines.append(f"- {m}: {b['nodes']} of {b.get('of_nodes', '?')} nodes (depth {b.get('depth', '?')}, "
+                         f"expected tau {_fmt(b.get('expected_tau'))}, calibration tau {_fmt(b.get('calibration_tau'))})")
+    devices = {m: r.get("device") for m, r in results.items()}
+    lines += ["", "Speed is the mean over questions of per-question tokens/s (all turns); speedup is relative to "
+                  "our AR in this run; compile and warm-up time are excluded and listed apart."
+                  + (" Mismatches: questions whose greedy output differs from AR's." if greedy else ""),
+              "", "Devices: " + "; ".join(f"{m}: {d}" for m, d in devices.items())]
+    figs = plots(out_dir, results, overall, by_cat)
+    if figs:
+        lines += ["", "Plots: " + ", ".join(figs)]
+    text = "\n".join(lines)
+    (out_dir / "summary.md").write_text(text + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({"overall": overall, "by_category": by_cat,
+                                                      "budgets": budgets}, indent=2, default=str) + "\n")
+    return text

@@ -36,7 +36,7 @@ def _cache_file(cfg: Config, params) -> Path:
     dev = jax.devices()[0]
     shapes = str(sorted((jax.tree_util.keystr(k), v.shape, str(v.dtype))
                         for k, v in jax.tree_util.tree_leaves_with_path(params)))
-    key = hashlib.sha256(f"{cfg}{shapes}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{cfg}{shapes}{jax.__version__}".encode()).hexdigest()[:16]  # XLA changes costs
     return root / "budget" / f"{dev.platform}-{dev.device_kind.replace(' ', '_')}-{jax.device_count()}-{key}.json"
 
 
@@ -64,6 +64,9 @@ def measure_forward_cost(params, cfg: Config, sizes=(1, 2, 4, 8, 16, 24, 32, 48,
             jax.block_until_ready(fwd(params, tok, pos, cache, mask))
             times.append(time.perf_counter() - t0)
         out[t] = float(np.median(times))
+    # A smaller tree can always be padded to a larger one, so cost is non-decreasing in T: take the
+    # cheapest measurement at or above each size (removes timing noise that would favour odd sizes).
+    out = {t: min(v for u, v in out.items() if u >= t) for t in out}
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

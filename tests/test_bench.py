@@ -76,7 +76,7 @@ def test_bench_end_to_end_on_tiny_model(tiny_hf_dir, tmp_path):
                "--out", str(out)])
     assert rc == 0
     rows = {m: [json.loads(line) for line in (out / f"{m}.jsonl").read_text().splitlines()] for m in ("ar", "pld")}
-    for m, rs in rows.items():
+    for rs in rows.values():
         assert [r["category"] for r in rs] == ["writing", "coding"]
         for r in rs:
             assert len(r["turns"]) == 2 and r["turns"][1]["prompt_tokens"] > r["turns"][0]["prompt_tokens"]

@@ -241,7 +241,8 @@ def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
         lines += ["", "## Draft budgets chosen by --budget auto", ""]
         for m, b in budgets.items():
             lines.append(f"- {m}: {b['nodes']} of {b.get('of_nodes', '?')} nodes (depth {b.get('depth', '?')}, "
-                         f"expected tau {_fmt(b.get('expected_tau'))}, calibration tau {_fmt(b.get('calibration_tau'))})")
+                         f"expected tau {_fmt(b.get('expected_tau'))}, "
+                         f"calibration tau {_fmt(b.get('calibration_tau'))})")
     devices = {m: r.get("device") for m, r in results.items()}
     lines += ["", "Speed is the mean over questions of per-question tokens/s (all turns); speedup is relative to "
                   "our AR in this run; compile and warm-up time are excluded and listed apart."

@@ -251,7 +251,8 @@ def cmd_bench(args) -> int:
     for m, (_, overrides) in parsed.items():
         unknown = [k for k in overrides if k not in vars(args)]
         if unknown:
-            raise InvalidArgumentError(f"method entry {m!r}: unknown option {unknown[0]!r}; see `spec-jax bench --help`")
+            raise InvalidArgumentError(f"method entry {m!r}: unknown option {unknown[0]!r}; "
+                                       "see `spec-jax bench --help`")
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = select(load_dataset(args.dataset), cats, args.per_category, args.num_prompts)
     if not questions:

@@ -202,7 +202,8 @@ def export_hf(params, cfg: Config, out_dir: str | os.PathLike, tokenizer=None) -
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tensors = {_path_to_hf(p): jnp.asarray(v.T if _is_kernel(p) else v) for p, v in _flatten(jax.device_get(params))}
+        flat = _flatten(jax.device_get(params))
+        tensors = {_path_to_hf(p): jnp.asarray(v.T if _is_kernel(p) else v) for p, v in flat}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         if tokenizer is not None:

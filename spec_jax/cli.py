@@ -113,10 +113,9 @@ def build_method(args, params, cfg, target_tok=None):
             return DraftModelTree(draft_cfg=dcfg, tree=tree), dparams
         return DraftModel(draft_cfg=dcfg, policy=make_policy(args.length_policy, args.draft_k or 5)), dparams
     if args.method == "token_recycling":
-        from spec_jax.drafters.token_recycling import TokenRecycling, load_matrix
+        from spec_jax.drafters.token_recycling import TokenRecycling
 
-        levels = _int_list(args.tr_levels, "--tr-levels")
-        matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
+        levels, matrix = _token_recycling_settings(args)
         return TokenRecycling(k=args.tr_k, levels=levels), matrix
     if args.method == "lookahead":
         from spec_jax.drafters.lookahead import Lookahead
@@ -130,16 +129,14 @@ def build_method(args, params, cfg, target_tok=None):
             SuffixAutomatonDrafter,
             load_corpus,
         )
-        from spec_jax.drafters.token_recycling import load_matrix
 
         host = SAMHost(load_corpus(args.sam_corpus, target_tok) if args.sam_corpus else None)
         if args.method == "sam":
             return SuffixAutomatonDrafter(k=args.draft_k or 6, min_match=args.sam_min_match or 1,
                                           host_state=host), None
-        matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
-        return SAMTokenRecycling(k=args.tr_k, levels=_int_list(args.tr_levels, "--tr-levels"),
-                                 sam_k=args.draft_k or 8, min_match=args.sam_min_match or 4,
-                                 host_state=host), matrix
+        levels, matrix = _token_recycling_settings(args)
+        return SAMTokenRecycling(k=args.tr_k, levels=levels, sam_k=args.draft_k or 8,
+                                 min_match=args.sam_min_match or 4, host_state=host), matrix
     if args.method == "pld":
         from spec_jax.drafters.prompt_lookup import PromptLookup
 
@@ -151,6 +148,14 @@ def build_method(args, params, cfg, target_tok=None):
         skip, k = load_skip_set(args.skip_file, cfg)
         return LayerSkip(skip=skip, policy=make_policy(args.length_policy, args.draft_k or k)), None
     raise InvalidArgumentError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _token_recycling_settings(args):
+    """(tree levels, matrix from --tr-matrix if the file exists) for token_recycling and sam_tr."""
+    from spec_jax.drafters.token_recycling import load_matrix
+
+    matrix = load_matrix(args.tr_matrix) if args.tr_matrix and Path(args.tr_matrix).exists() else None
+    return _int_list(args.tr_levels, "--tr-levels"), matrix
 
 
 def apply_budget(args, engine, params, dparams, tok):

@@ -158,6 +158,15 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig, ax, name: str, title: str) -> None:
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+
     methods = [m for m in results if m != "ar"]
     cats = list(dict.fromkeys(c for m in by_cat for c in by_cat[m]))
     if "ar" in results and methods:
@@ -169,12 +178,7 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats, rotation=30, ha="right")
         ax.set_ylabel("speedup vs our AR")
-        ax.set_title("Speedup by category")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "speedup_by_category.png", dpi=120)
-        plt.close(fig)
-        written.append("speedup_by_category.png")
+        save(fig, ax, "speedup_by_category.png", "Speedup by category")
 
     hists = {m: accepted_hist(r["rows"]) for m, r in results.items()}
     hists = {m: h for m, h in hists.items() if h is not None and len(h) > 1}
@@ -185,12 +189,7 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
             ax.bar(np.arange(len(h)) + i * width, h / max(h.sum(), 1), width, label=m)
         ax.set_xlabel("draft tokens accepted in a step")
         ax.set_ylabel("fraction of steps")
-        ax.set_title("Accepted length")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "accepted_length.png", dpi=120)
-        plt.close(fig)
-        written.append("accepted_length.png")
+        save(fig, ax, "accepted_length.png", "Accepted length")
 
     # tokens/s against the draft budget (tree size), one line per method family
     families: dict[str, list] = {}
@@ -206,12 +205,7 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
             ax.axhline(overall["methods"]["ar"]["tokens_per_second"], color="k", ls="--", lw=0.8, label="ar")
         ax.set_xlabel("draft budget (tree nodes)")
         ax.set_ylabel("tokens/s")
-        ax.set_title("Tokens/s against draft budget")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "tps_vs_budget.png", dpi=120)
-        plt.close(fig)
-        written.append("tps_vs_budget.png")
+        save(fig, ax, "tps_vs_budget.png", "Tokens/s against draft budget")
 
     ceiling = overall.get("ar_ceiling")
     if ceiling:
@@ -220,13 +214,8 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
         ax.bar(names, [overall["methods"][m]["tokens_per_second"] for m in names])
         ax.axhline(ceiling, color="r", ls="--", label=f"AR roofline {ceiling:.1f} tok/s")
         ax.set_ylabel("tokens/s")
-        ax.set_title("Tokens/s against the AR memory-bandwidth ceiling")
         ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "roofline.png", dpi=120)
-        plt.close(fig)
-        written.append("roofline.png")
+        save(fig, ax, "roofline.png", "Tokens/s against the AR memory-bandwidth ceiling")
     return written
 
 

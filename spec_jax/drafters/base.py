@@ -8,14 +8,29 @@ methods run inside the engine's jitted step, so they must be traceable.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from spec_jax.errors import DataFormatError
 from spec_jax.models import Config, KVCache
 from spec_jax.sampling import Sampling
 from spec_jax.trees import DraftTree, TreeTemplate
+
+
+def load_int_array(path, ndim: int, what: str, hint: str = "") -> np.ndarray:
+    """A drafter's integer array from a .npy file (matrix, token ids), refused clearly when it is not one."""
+    path = Path(path)
+    try:
+        a = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a {what} ({e}){hint}") from e
+    if a.ndim != ndim or a.dtype.kind not in "iu":
+        raise DataFormatError(f"{path}: expected a {ndim}-D integer {what}, got {a.dtype} {a.shape}")
+    return a
 
 
 class PrefillContext(NamedTuple):

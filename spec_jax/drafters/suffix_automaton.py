@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from spec_jax.drafters.base import Drafter, StepContext
+from spec_jax.drafters.base import Drafter, StepContext, load_int_array
 from spec_jax.drafters.token_recycling import TokenRecycling, distinct_siblings, fill_template
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.trees import TreeTemplate
@@ -56,9 +56,6 @@ class SuffixAutomaton:
         self.last = 0
         for t in tokens:
             self.extend(int(t))
-
-    def __len__(self) -> int:
-        return len(self.text)
 
     def extend(self, token: int) -> None:
         """Append one token (Blumer et al.'s online construction)."""
@@ -136,6 +133,7 @@ class _Sequence:
 
     def __init__(self):
         self.sam = SuffixAutomaton()
+        self.seen = np.zeros((0,), np.int32)  # the ingested text as an array, to check the buffer against
         self.state = self.matched = 0  # match in the sequence's own (earlier) text
         self.cstate = self.cmatched = 0  # match in the static corpus
 
@@ -162,8 +160,8 @@ class SAMHost:
         match = np.zeros((B,), np.int32)
         for b in range(B):
             row, n = self.rows[b], int(lengths[b]) + 1
-            fed = len(row.sam)
-            if fed > n or (fed and not np.array_equal(tokens[b, :fed], row.sam.text)):
+            fed = len(row.seen)
+            if fed > n or not np.array_equal(tokens[b, :fed], row.seen):
                 row = self.rows[b] = _Sequence()  # a new request in this slot
                 fed = 0
             sam, corpus = row.sam, self.corpus
@@ -173,6 +171,8 @@ class SAMHost:
                 row.state = sam.settle(row.state, row.matched)
                 if corpus is not None:
                     row.cstate, row.cmatched = corpus.advance(row.cstate, row.cmatched, t)
+            if n > fed:
+                row.seen = tokens[b, :n].copy()
             if corpus is not None and row.cmatched - corpus_bias > row.matched:
                 cont, m = corpus.continuation(row.cstate, k), row.cmatched
             else:
@@ -191,13 +191,7 @@ def load_corpus(path: str | Path, tokenizer=None) -> SuffixAutomaton:
     if not path.exists():
         raise DataFormatError(f"corpus file {path} not found")
     if path.suffix == ".npy":
-        try:
-            ids = np.load(path)
-        except (OSError, ValueError) as e:
-            raise DataFormatError(f"{path}: not a .npy array of token ids ({e})") from e
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise DataFormatError(f"{path}: expected a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-        return SuffixAutomaton(ids.tolist())
+        return SuffixAutomaton(load_int_array(path, 1, ".npy array of token ids").tolist())
     if tokenizer is None:
         raise InvalidArgumentError(f"{path}: a text corpus needs the model's tokenizer")
     return SuffixAutomaton(tokenizer(path.read_text(encoding="utf-8")).input_ids)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.drafters.base import Drafter, StepContext, StepResult
-from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.drafters.base import Drafter, StepContext, StepResult, load_int_array
+from spec_jax.errors import InvalidArgumentError
 from spec_jax.models import Config
 from spec_jax.trees import TreeTemplate, ancestor_mask
 
@@ -143,11 +143,4 @@ def save_matrix(M, path: str | os.PathLike) -> Path:
 
 
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
-    path = Path(path)
-    try:
-        M = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataFormatError(f"{path}: not a token recycling matrix ({e}); delete it to start from zeros") from e
-    if M.ndim != 2 or M.dtype.kind not in "iu":
-        raise DataFormatError(f"{path}: expected a 2-D integer matrix [vocab, k], got {M.dtype} {M.shape}")
-    return M
+    return load_int_array(path, 2, "token recycling matrix [vocab, k]", "; delete it to start from zeros")

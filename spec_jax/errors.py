@@ -31,3 +31,7 @@ class TokenizerMismatchError(SpecJaxError):
 
 class DataFormatError(SpecJaxError):
     """A data file (prompt set, calibration file, drafter state) is malformed."""
+
+
+class DrafterContractError(SpecJaxError):
+    """A drafter does not keep to what its `DraftShape` declares (nodes, depth, target scratch slots)."""

@@ -56,6 +56,11 @@ def probs(logits: jax.Array, s: Sampling) -> jax.Array:
     return p
 
 
+def entropy(p: jax.Array) -> jax.Array:
+    """Shannon entropy (nats) of probabilities [..., V] over the last axis."""
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-38)), 0.0), axis=-1)
+
+
 def sample(rng: jax.Array, p: jax.Array) -> jax.Array:
     """Draw token ids from probabilities [..., V]."""
     return jax.random.categorical(rng, jnp.log(jnp.maximum(p, 1e-38)) + jnp.where(p > 0, 0.0, -jnp.inf))

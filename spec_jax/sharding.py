@@ -68,3 +68,39 @@ def batch_sharding(x, mesh) -> NamedSharding:
     if not shape:
         return replicated(mesh)
     return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def parse_mesh(text: str | None, devices=None):
+    """`--mesh`: None or '' (no mesh), 'auto' (every device on `model`), or 'data=2,model=4'."""
+    from spec_jax.errors import InvalidArgumentError
+
+    if not text:
+        return None
+    n = len(devices if devices is not None else jax.devices())
+    if text == "auto":
+        return make_mesh(1, n, devices)
+    sizes = {DATA: 1, MODEL: 1}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise InvalidArgumentError(f"--mesh takes 'auto' or 'data=D,model=M' with positive sizes, got {text!r}")
+        sizes[name.strip()] = int(value)
+    if sizes[DATA] * sizes[MODEL] > n:
+        raise InvalidArgumentError(f"--mesh {text} needs {sizes[DATA] * sizes[MODEL]} devices but {n} are visible "
+                                   f"({jax.devices()[0].platform}); lower the sizes or use --mesh auto")
+    return make_mesh(sizes[DATA], sizes[MODEL], devices)
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array: each process puts only its own shards."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def fetch(tree, mesh=None):
+    """Host (numpy) copies of a pytree of arrays, also on a multi-host mesh where no process holds every
+    shard: the arrays are first all-gathered to a replicated sharding, then each process reads its copy."""
+    if mesh is None:
+        return jax.device_get(tree)
+    gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), gathered)

@@ -27,9 +27,9 @@ def test_greedy_exact_every_drafter_batched_and_single(tiny, prompts):
     params, cfg = tiny
     ar = generate(Engine(cfg), params, prompts, 24).token_ids
     for drafter, dparams in _drafters(params, cfg):
-        batched = generate(Engine(cfg, drafter), params, prompts, 24, draft_params=dparams)
+        batched = generate(Engine(cfg, drafter), params, prompts, 24, weights=dparams)
         assert batched.token_ids == ar, drafter
-        single = [generate(Engine(cfg, drafter), params, [p], 24, draft_params=dparams).token_ids[0]
+        single = [generate(Engine(cfg, drafter), params, [p], 24, weights=dparams).token_ids[0]
                   for p in prompts[:2]]
         assert single == ar[:2], drafter
 
@@ -43,8 +43,8 @@ def test_greedy_exact_many_models(seed, prompts):
     ar = generate(Engine(cfg), params, prompts, 20).token_ids
     # A draft model that is the target itself accepts everything: exercises full-accept paths.
     full = DraftModel(draft_cfg=cfg, policy=make_policy("fixed", 5))
-    assert generate(Engine(cfg, full), params, prompts, 20, draft_params=params).token_ids == ar
-    g = generate(Engine(cfg, full), params, prompts, 20, draft_params=params)
+    assert generate(Engine(cfg, full), params, prompts, 20, weights=params).token_ids == ar
+    g = generate(Engine(cfg, full), params, prompts, 20, weights=params)
     assert g.tau > 4.0
 
 
@@ -57,7 +57,7 @@ def test_dynamic_tree_with_perfect_draft_accepts_its_deepest_path(spec, prompts)
     cfg = TINY.replace(num_layers=3)
     params = init_params(cfg, jax.random.key(7))
     ar = generate(Engine(cfg), params, prompts, 30).token_ids
-    g = generate(Engine(cfg, DraftModelTree(draft_cfg=cfg, tree=spec)), params, prompts, 30, draft_params=params)
+    g = generate(Engine(cfg, DraftModelTree(draft_cfg=cfg, tree=spec)), params, prompts, 30, weights=params)
     assert g.token_ids == ar
     if spec.width == 1:  # a chain: every step commits depth + 1 tokens except near the end
         assert g.tau > spec.depth + 0.5
@@ -100,8 +100,8 @@ def test_phase_timed_run_equals_fused(tiny, prompts):
     params, cfg = tiny
     dparams, dcfg = truncate(params, cfg, 2)
     for drafter, dp in [(Drafter(), None), (DraftModel(draft_cfg=dcfg), dparams), (LayerSkip(skip=(1,)), None)]:
-        fused = generate(Engine(cfg, drafter), params, prompts, 16, draft_params=dp)
-        timed = generate(Engine(cfg, drafter), params, prompts, 16, draft_params=dp, time_phases=True)
+        fused = generate(Engine(cfg, drafter), params, prompts, 16, weights=dp)
+        timed = generate(Engine(cfg, drafter), params, prompts, 16, weights=dp, time_phases=True)
         assert timed.token_ids == fused.token_ids
         assert timed.draft_seconds > 0 and timed.verify_seconds > 0
         assert timed.draft_seconds + timed.verify_seconds <= timed.seconds
@@ -115,7 +115,7 @@ def test_eos_and_max_new_respected(tiny, prompts):
     cfg_eos = cfg.replace(eos_token_ids=(eos,))
     dparams, dcfg = truncate(params, cfg_eos, 2)
     for drafter, dp in [(Drafter(), None), (DraftModel(draft_cfg=dcfg), dparams)]:
-        out = generate(Engine(cfg_eos, drafter), params, prompts, 16, draft_params=dp).token_ids
+        out = generate(Engine(cfg_eos, drafter), params, prompts, 16, weights=dp).token_ids
         assert out[0] == ar[0][: ar[0].index(eos) + 1]
         assert all(len(o) <= 16 for o in out)
 
@@ -145,7 +145,7 @@ def test_bad_input_refused(tiny):
     other = cfg.replace(vocab_size=300)
     with pytest.raises(TokenizerMismatchError, match="vocabulary"):
         generate(Engine(cfg, DraftModel(draft_cfg=other)), params, [[1, 2]], 5,
-                 draft_params=init_params(other, jax.random.key(0)))
+                 weights=init_params(other, jax.random.key(0)))
     with pytest.raises(InvalidArgumentError, match="skip set"):
         generate(Engine(cfg, LayerSkip(skip=(0, 1, 2, 3))), params, [[1, 2]], 5)
 

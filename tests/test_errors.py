@@ -96,7 +96,8 @@ def test_config_files(tmp_path, capsys):
     """Experiment configs supply defaults; unknown keys and bad YAML are refused clearly."""
     import argparse
 
-    from spec_jax.cli import add_method_args, load_config
+    from spec_jax.cli import load_config
+    from spec_jax.decoding.setup import add_method_args
 
     p = argparse.ArgumentParser()
     add_method_args(p)

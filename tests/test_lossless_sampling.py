@@ -79,7 +79,7 @@ def _run(template: TreeTemplate, mode: str, s: sp.Sampling, seed=0):
     node_logits = logits2[tokens]  # [B, N, V]: the target at a node depends on the node's token
     logits = np.concatenate([np.broadcast_to(logits1, (B, 1, V)), node_logits], 1)
     res = verify(tree, jnp.asarray(logits, jnp.float32), s, k_verify, template.max_depth)
-    path, n, nxt = (np.asarray(x) for x in (res.path, res.num_accepted, res.next_token))
+    path, n, nxt = (np.asarray(x) for x in (res.path_BxP, res.num_accepted_B, res.next_token_B))
     inputs = np.concatenate([np.zeros((B, 1), np.int64), tokens], 1)
     t1 = np.where(n >= 1, inputs[np.arange(B), path[:, 1]], nxt)
     t2_next = np.asarray(sp.sample(k_next, jnp.asarray(P2[t1])))
@@ -135,16 +135,15 @@ def test_engine_sampling_matches_ar(drafter):
     s = sp.Sampling(1.0)
     prompt = [[1, 2, 3, 1, 2, 3]] * 10_000
 
-    def joint(engine, dp, seed):
+    def joint(engine, weights, carry, seed):
         padded, lens = engine.pad_prompts(prompt)
         size = engine.cache_size(6, 3)
-        st = engine.prefill(params, dp, jnp.asarray(padded), jnp.asarray(lens),
-                            jnp.full((len(prompt),), 3, jnp.int32), jax.random.key(seed), size)
-        st = engine.run(params, dp, st, jnp.int32(1 << 30))
-        toks = np.asarray(st.tokens[:, 6:9])
+        st = engine.prefill(params, weights, carry, padded, lens, 3, seed, size)
+        st = engine.run(params, weights, st, 1 << 30)
+        toks = np.asarray(st.tokens_BxS[:, 6:9])
         return np.bincount(toks[:, 0] * 64 + toks[:, 1] * 8 + toks[:, 2], minlength=512)
 
-    ar = sum(joint(Engine(cfg, sampling=s), None, seed) for seed in range(2))
+    ar = sum(joint(Engine(cfg, sampling=s), None, None, seed) for seed in range(2))
     spec_drafter = {
         "chain": DraftModel(draft_cfg=dcfg, policy=make_policy("fixed", 3)),
         "tree_sampled": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, sampled=True)),
@@ -155,12 +154,12 @@ def test_engine_sampling_matches_ar(drafter):
         "sam": SuffixAutomatonDrafter(k=3),
         "sam_tr": SAMTokenRecycling(k=3, levels=(3, 2), sam_k=3, min_match=2),
     }[drafter]
+    carry = None
     if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
-        dparams = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
-    elif drafter != "chain" and not drafter.startswith("tree"):
-        dparams = None
+        carry = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
+    weights = dparams if drafter == "chain" or drafter.startswith("tree") else None
     spec_engine = Engine(cfg, spec_drafter, s)
-    spec = sum(joint(spec_engine, dparams, seed + 100) for seed in range(2))
+    spec = sum(joint(spec_engine, weights, carry, seed + 100) for seed in range(2))
     # Two-sample chi-square between the AR and speculative samples.
     keep = (ar + spec) >= 10
     a, b = ar[keep], spec[keep]

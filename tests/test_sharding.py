@@ -6,11 +6,12 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
+    import dataclasses
     import jax
     from spec_jax.decoding import Engine, generate
     from spec_jax.drafters.draft_model import DraftModel
+    from spec_jax.drafters.token_recycling import TokenRecycling
     from spec_jax.models import Config, init_params, truncate
-    from spec_jax.models.llama import shard_params
     from spec_jax.sharding import make_mesh
     assert jax.device_count() == 8, jax.devices()
     cfg = Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=8,
@@ -18,16 +19,21 @@ SCRIPT = textwrap.dedent("""
     params = init_params(cfg, jax.random.key(0))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [5], [6, 7], [1, 1], [2, 2, 2]]
     dparams, dcfg = truncate(params, cfg, 1)
-    for drafter, dp in [(None, None), (DraftModel(draft_cfg=dcfg), dparams)]:
+    for drafter in [None, DraftModel(draft_cfg=dcfg), TokenRecycling(k=4, levels=(4, 4))]:
         engine = Engine(cfg) if drafter is None else Engine(cfg, drafter)
-        ref = generate(engine, params, prompts, 12, draft_params=dp).token_ids
+        dp = dparams if isinstance(drafter, DraftModel) else None
+        ref = generate(engine, params, prompts, 12, weights=dp)
         for data, model in [(8, 1), (2, 4), (1, 8)]:
             mesh = make_mesh(data, model)
-            sp = shard_params(params, cfg, mesh)
-            sdp = None if dp is None else shard_params(dp, dcfg, mesh)
+            # Born sharded: initialised under jit with the parameters' shardings as out_shardings.
+            sp = init_params(cfg, jax.random.key(0), mesh=mesh)
+            sdp = None if dp is None else truncate(sp, cfg, 1)[0]
+            e = dataclasses.replace(engine, mesh=mesh)
             with jax.set_mesh(mesh):
-                out = generate(engine, sp, prompts, 12, draft_params=sdp, mesh=mesh).token_ids
-            assert out == ref, (data, model)
+                out = generate(e, sp, prompts, 12, weights=sdp)
+                timed = generate(e, sp, prompts, 12, weights=sdp, time_phases=True)
+            assert out.token_ids == ref.token_ids == timed.token_ids, (data, model)
+            assert out.target_forwards == ref.target_forwards
             q = sp["layers_0"]["self_attn"]["q_proj"]["kernel"]
             assert model == 1 or len(q.sharding.device_set) == 8
     print("OK")

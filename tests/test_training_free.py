@@ -45,7 +45,7 @@ def _repetitive_prompts():
     return [phrase * 3 + [7, 8], rng.integers(3, 256, size=9).tolist(), phrase + [1] + phrase[:3]]
 
 
-@pytest.mark.parametrize("drafter", DRAFTERS, ids=lambda d: f"{d.name}-{d.num_nodes}")
+@pytest.mark.parametrize("drafter", DRAFTERS, ids=lambda d: f"{d.name}-{d.shape.nodes}")
 def test_greedy_exact_batched_and_single(drafter, tiny):
     params, cfg = tiny
     prompts = _repetitive_prompts()
@@ -67,10 +67,10 @@ def test_token_recycling_hot_start_and_sampling(tiny):
     prompts = _repetitive_prompts()
     tr = TokenRecycling(k=4, levels=(4, 6, 4))
     cold = generate(Engine(cfg, tr), params, prompts, 40)
-    assert cold.draft_params.shape == (cfg.vocab_size, 4) and int(jnp.sum(cold.draft_params != 0)) > 0
-    warm = generate(Engine(cfg, tr), params, prompts, 40, draft_params=cold.draft_params)
+    assert cold.carry.shape == (cfg.vocab_size, 4) and int(jnp.sum(cold.carry != 0)) > 0
+    warm = generate(Engine(cfg, tr), params, prompts, 40, carry=cold.carry)
     assert warm.token_ids == cold.token_ids and warm.tau >= cold.tau
-    s = generate(Engine(cfg, tr, Sampling(0.7)), params, prompts, 40, draft_params=warm.draft_params, seed=3)
+    s = generate(Engine(cfg, tr, Sampling(0.7)), params, prompts, 40, carry=warm.carry, seed=3)
     assert s.tau > 1.0
 
 
@@ -121,7 +121,7 @@ def test_matrix_file_round_trip_and_errors(tmp_path, tiny):
     with pytest.raises(DataFormatError, match="token recycling matrix"):
         load_matrix(tmp_path / "bad.npy")
     with pytest.raises(InvalidArgumentError, match="shape"):
-        generate(Engine(cfg, TokenRecycling(k=8, levels=(2,))), params, [[1, 2]], 4, draft_params=M)
+        generate(Engine(cfg, TokenRecycling(k=8, levels=(2,))), params, [[1, 2]], 4, carry=M)
 
 
 def _brute_lookup(seq, last, n, k):
@@ -167,8 +167,8 @@ def test_default_tree_and_matrix_size_for_smollm2():
     from spec_jax.models import Config
 
     tr = TokenRecycling()
-    assert tr.num_nodes == 80 and tr.max_depth == 6 and tr.template.level_sizes == (8, 21, 25, 15, 8, 3)
-    state = jax.eval_shape(lambda: tr.init(None, Config(vocab_size=49_152), 1, 128))
+    assert tr.shape.nodes == 80 and tr.shape.depth == 6 and tr.template.level_sizes == (8, 21, 25, 15, 8, 3)
+    state = jax.eval_shape(lambda: tr.init(None, None, Config(vocab_size=49_152), 1, 128))
     assert state["M"].size * state["M"].dtype.itemsize < 2 * 1024 * 1024  # 1.5 MB
 
 
@@ -207,12 +207,12 @@ def test_auto_budget_end_to_end(tiny):
     tr = TokenRecycling(k=4, levels=(4, 6, 4, 2))
     steep = {t: 0.01 * t for t in range(1, 18)}  # every verified token costs a full step
     engine, report, warm = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=steep)
-    assert 1 <= report["nodes"] < tr.num_nodes and engine.drafter.num_nodes == report["nodes"]
+    assert 1 <= report["nodes"] < tr.shape.nodes and engine.drafter.shape.nodes == report["nodes"]
     flat = {1: 0.01, 17: 0.0101}
     engine_flat, report_flat, _ = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=flat)
     assert report_flat["nodes"] >= report["nodes"]
     ar = generate(Engine(cfg), params, prompts, 30).token_ids
-    assert generate(engine, params, prompts, 30, draft_params=warm).token_ids == ar
+    assert generate(engine, params, prompts, 30, carry=warm).token_ids == ar
 
 
 def test_measure_forward_cost(tiny, tmp_path, monkeypatch):
@@ -317,13 +317,12 @@ def test_lookahead_pool_fills_and_its_drafts_verify(tiny):
     engine = Engine(cfg, la)
     padded, lens = engine.pad_prompts(prompts)
     size = engine.cache_size(int(lens.max()), 48)
-    state = engine.prefill(params, None, jnp.asarray(padded), jnp.asarray(lens), jnp.full((3,), 48, jnp.int32),
-                           jax.random.key(0), size)
+    state = engine.prefill(params, None, None, padded, lens, 48, 0, size)
     assert int(jnp.sum(state.drafter["count"])) == 0
-    state = engine.run(params, None, state, jnp.int32(1 << 30))
+    state = engine.run(params, None, state, 1 << 30)
     counts = np.asarray(state.drafter["count"])
     assert (counts.sum(axis=1) > 0).all()  # every sequence pooled n-grams
     pooled = np.asarray(state.drafter["pool"])
     assert pooled[counts > 0].any()
-    assert (np.asarray(state.accepted) > 0).any(), "no pooled n-gram was ever accepted"
-    assert Engine.outputs(state) == generate(Engine(cfg), params, prompts, 48).token_ids
+    assert (np.asarray(state.accepted_B) > 0).any(), "no pooled n-gram was ever accepted"
+    assert engine.outputs(state) == generate(Engine(cfg), params, prompts, 48).token_ids

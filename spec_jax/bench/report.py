@@ -75,11 +75,12 @@ def mean_tps(rows: list[dict]) -> float:
 
 def tau(rows: list[dict]) -> float | None:
     """Tokens per target forward over all turns (None when the method does not report forwards)."""
+    from spec_jax.metrics import tau as tau_of
+
     turns = [t for r in rows for t in r["turns"]]
     if not turns or any(t.get("target_forwards") is None for t in turns):
         return None
-    steps = sum(t["target_forwards"] - 1 for t in turns)
-    return sum(t["new_tokens"] - 1 for t in turns) / steps if steps else 1.0
+    return tau_of(sum(t["new_tokens"] for t in turns), sum(t["target_forwards"] for t in turns), len(turns))
 
 
 def mismatches(rows: list[dict], ar_rows: list[dict]) -> int:

@@ -21,17 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from spec_jax.metrics import tau
+
 HF_METHODS = ("hf_ar", "hf_pld", "hf_assisted")  # transformers generate: plain, prompt lookup, assisted
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from spec_jax.cli import METHODS, add_drafter_args, add_model_args
+    from spec_jax.decoding.setup import add_method_args, add_model_args
+    from spec_jax.drafters.registry import methods
 
     add_model_args(p)
     p.add_argument("--config", help="YAML file of option defaults (configs/)")
     p.add_argument("--methods", default="ar,pld,hf_ar",
                    help=f"comma-separated, each `name` or `name/option=value/...` (e.g. token_recycling/budget=auto); "
-                        f"names: {', '.join(METHODS + HF_METHODS)}")
+                        f"names: {', '.join((*methods(), *HF_METHODS))}")
     p.add_argument("--dataset", default="mtbench",
                    help="mtbench (80 questions, 2 turns), humaneval (164), or a Spec-Bench question.jsonl path")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
@@ -39,7 +42,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="at most this many questions in all")
     p.add_argument("--max-turns", type=int, default=None, help="turns per question (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    add_drafter_args(p)
+    add_method_args(p, method_flag=False)
     p.add_argument("--hf-pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for hf_pld")
     p.add_argument("--out", default="results/bench", help="results folder")
 
@@ -54,7 +57,7 @@ def _conversations(spec, tok, answer):
     """Run every question's turns in order; `answer(ids)` -> (new ids, stats). Yields one row per question."""
     from tqdm import tqdm
 
-    from spec_jax.cli import encode_messages
+    from spec_jax.text import encode_messages
 
     for q in tqdm(spec["questions"], desc=spec["entry"], file=sys.stderr, unit="q", mininterval=5):
         messages, turns = [], []
@@ -73,40 +76,45 @@ def _question_row(q: dict, turns: list[dict]) -> dict:
     row = {"question_id": q["question_id"], "category": q["category"], "new_tokens": new, "seconds": sec,
            "tokens_per_second": new / sec if sec else float("nan"), "turns": turns}
     if all(t.get("target_forwards") is not None for t in turns):
-        steps = sum(t["target_forwards"] - 1 for t in turns)
-        row["tau"] = sum(t["new_tokens"] - 1 for t in turns) / steps if steps else 1.0
+        row["tau"] = tau(new, sum(t["target_forwards"] for t in turns), len(turns))
     return row
 
 
 def _worker_ours(spec: dict) -> dict:
-    from spec_jax.cli import _enable_compilation_cache, apply_budget, build_method
-    from spec_jax.decoding import Engine, generate
+    import importlib
+
+    from spec_jax.decoding import generate
+    from spec_jax.decoding.setup import enable_compilation_cache, init_devices, prepare
+    from spec_jax.drafters.registry import Target
     from spec_jax.models import param_bytes
     from spec_jax.models.registry import load_model, load_tokenizer
+    from spec_jax.text import encode_messages
 
-    _enable_compilation_cache()
-    params, cfg = load_model(spec["model"], spec["dtype"])
-    tok = load_tokenizer(spec["model"])
+    importlib.import_module(spec["method_module"])  # methods defined outside the package register on import
     args = argparse.Namespace(**spec["method_args"])
-    drafter, dparams = build_method(args, params, cfg, tok)
+    mesh = init_devices(args)
+    enable_compilation_cache()
+    params, cfg = load_model(spec["model"], spec["dtype"], mesh=mesh)
+    tok = load_tokenizer(spec["model"])
     t = time.perf_counter()
-    engine, dparams, budget = apply_budget(args, Engine(cfg, drafter), params, dparams, tok)
+    run = prepare(spec["method"], args, Target(params, cfg, tok, spec["dtype"], mesh))
     budget_seconds = time.perf_counter() - t
+    engine, weights = run.engine, run.built.weights
     max_new = spec["max_new_tokens"]
     size = engine.cache_size(spec["max_prompt_tokens"], max_new)
     seen, warm = set(), [0.0]
-    state = {"params": dparams}  # drafters that learn while decoding (Token Recycling) carry what they
-    # learned from question to question, starting from their initial params, not from warm-up runs
+    state = {"carry": run.carry}  # drafters that learn while decoding (Token Recycling) carry what they
+    # learned from question to question, starting from their initial carry, not from warm-up runs
 
     def answer(ids):
         bucket = engine.pad_prompts([ids])[0].shape[1]
         if bucket not in seen:  # compile for this prompt-length bucket, untimed
             seen.add(bucket)
             t = time.perf_counter()
-            generate(engine, params, [ids], 2, draft_params=dparams, cache_size=size)
+            generate(engine, params, [ids], 2, weights=weights, carry=run.carry, cache_size=size)
             warm[0] += time.perf_counter() - t
-        g = generate(engine, params, [ids], max_new, draft_params=state["params"], cache_size=size)
-        state["params"] = g.draft_params
+        g = generate(engine, params, [ids], max_new, weights=weights, carry=state["carry"], cache_size=size)
+        state["carry"] = g.carry
         stats = g.stats()
         steps = stats["target_forwards"] - 1
         stats["accepted_hist"] = _accepted_hist(g.accepted_at, steps)
@@ -115,19 +123,18 @@ def _worker_ours(spec: dict) -> dict:
     rows = list(_conversations(spec, tok, answer))
     # Where the time goes: the first question's first turn again with drafting and verification
     # timed apart (after compiling the two halves); the speed figures above come from the fused loop.
-    from spec_jax.cli import encode_messages
-
     first = encode_messages(tok, [{"role": "user", "content": spec["questions"][0]["turns"][0]}])
     t = time.perf_counter()
-    generate(engine, params, [first], 4, draft_params=dparams, cache_size=size, time_phases=True)
+    generate(engine, params, [first], 4, weights=weights, carry=run.carry, cache_size=size, time_phases=True)
     warm[0] += time.perf_counter() - t
-    g = generate(engine, params, [first], max_new, draft_params=dparams, cache_size=size, time_phases=True)
+    g = generate(engine, params, [first], max_new, weights=weights, carry=run.carry, cache_size=size,
+                 time_phases=True)
     steps = max(sum(g.target_forwards) - 1, 1)
     phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps,
               "host_ms_per_step": 1e3 * g.host_seconds / steps}
     return {"rows": rows, "warmup_seconds": warm[0], "peak_rss_mb": peak_rss_mb(), "weight_bytes": param_bytes(params),
-            "phases": phases, "budget": budget, "budget_seconds": budget_seconds, "nodes": engine.drafter.num_nodes,
-            "device": _device()}
+            "phases": phases, "budget": run.budget, "budget_seconds": budget_seconds,
+            "nodes": engine.shape.nodes, "device": _device()}
 
 
 def _accepted_hist(accepted_at: list[int], steps: int) -> list[int]:
@@ -184,17 +191,18 @@ def _hf_model(path: Path):
 def _export_draft(spec: dict) -> Path:
     """The draft model for `hf_assisted` in HF format: `--draft-model`, or the same stand-in `draft` uses
     (the target's first `--draft-layers` layers), exported with `models.export_hf`."""
+    from spec_jax.drafters.registry import options_for
     from spec_jax.models import truncate
     from spec_jax.models.loading import export_hf
     from spec_jax.models.registry import load_model, resolve
 
-    a = spec["method_args"]
-    if a.get("draft_model"):
-        path = resolve(a["draft_model"])
+    a = options_for("draft", spec["method_args"])
+    if a.draft_model:
+        path = resolve(a.draft_model)
         if path.suffix == ".gguf" or (path / "config.json").exists():
             return path
     params, cfg = load_model(spec["model"], "float32")
-    dparams, dcfg = truncate(params, cfg, a["draft_layers"])
+    dparams, dcfg = truncate(params, cfg, a.draft_layers)
     return export_hf(dparams, dcfg, Path(tempfile.mkdtemp(prefix="spec-jax-draft-")) / "draft")
 
 
@@ -223,13 +231,13 @@ def _run_worker(spec: dict) -> dict:
 
 def parse_method(entry: str) -> tuple[str, dict]:
     """`name/option=value/...`: a method with its own settings, e.g. `token_recycling/budget=auto`."""
-    from spec_jax.cli import METHODS
+    from spec_jax.drafters.registry import methods
     from spec_jax.errors import InvalidArgumentError
 
     name, *opts = entry.split("/")
-    if name not in METHODS + HF_METHODS:
-        raise InvalidArgumentError(f"unknown method {name!r} in {entry!r}; valid methods: "
-                                   f"{', '.join(METHODS + HF_METHODS)}")
+    names = (*methods(), *HF_METHODS)
+    if name not in names:
+        raise InvalidArgumentError(f"unknown method {name!r} in {entry!r}; valid methods: {', '.join(names)}")
     overrides = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
@@ -242,9 +250,11 @@ def parse_method(entry: str) -> tuple[str, dict]:
 def cmd_bench(args) -> int:
     from spec_jax.bench import report
     from spec_jax.bench.datasets import load_dataset, select
-    from spec_jax.cli import encode_messages
+    from spec_jax.decoding.setup import check_method_args
+    from spec_jax.drafters.registry import methods as registered
     from spec_jax.errors import InvalidArgumentError
     from spec_jax.models.registry import load_tokenizer
+    from spec_jax.text import encode_messages
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     parsed = {m: parse_method(m) for m in methods}  # refuse a bad entry before any work
@@ -253,6 +263,8 @@ def cmd_bench(args) -> int:
         if unknown:
             raise InvalidArgumentError(f"method entry {m!r}: unknown option {unknown[0]!r}; "
                                        "see `spec-jax bench --help`")
+        if parsed[m][0] not in HF_METHODS:
+            check_method_args(parsed[m][0], argparse.Namespace(**{**vars(args), **overrides}))
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = select(load_dataset(args.dataset), cats, args.per_category, args.num_prompts)
     if not questions:
@@ -272,7 +284,9 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         name, overrides = parsed[m]
         method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, **overrides, "method": name}
-        spec = {"entry": m, "method": name, "model": args.model, "dtype": args.dtype, "questions": questions,
+        module = registered()[name].module if name not in HF_METHODS else None
+        spec = {"entry": m, "method": name, "method_module": module, "model": args.model, "dtype": args.dtype,
+                "questions": questions,
                 "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,
                 "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
         results[m] = _run_worker(spec)

@@ -14,25 +14,64 @@ import numpy as np
 
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.generate import generate
+from spec_jax.drafters.base import TemplateDrafter
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.policies.budget import choose_budget, measure_forward_cost, prune_template
+from spec_jax.trees import rank_prior
 
 
-def auto_budget(engine: Engine, params, calibration: list[list[int]], *, draft_params=None,
+def parse_budget(text) -> int | str | None:
+    """`--budget`: None (the drafter's own tree), 'auto', or a positive node count."""
+    if text in (None, "", "none"):
+        return None
+    if str(text) == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"--budget takes a node count or 'auto', got {text!r}") from None
+    if n < 1:
+        raise InvalidArgumentError(f"--budget must be at least 1 node, got {n}")
+    return n
+
+
+def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, calibration=None):
+    """`--budget N|auto` for drafters with a prunable static tree: (engine, carry, report or None).
+
+    A fixed N keeps the N nodes of the template that its own rank prior ranks first; 'auto' measures
+    (see `auto_budget`) on the `calibration` prompts.
+    """
+    budget = parse_budget(budget)
+    if budget is None:
+        return engine, carry, None
+    drafter = engine.drafter
+    if not (isinstance(drafter, TemplateDrafter) and drafter.prunable):
+        raise InvalidArgumentError(f"--budget applies to methods with a prunable static tree (token_recycling, "
+                                   f"sam_tr), not {drafter.name}")
+    if budget == "auto":
+        engine, report, carry = auto_budget(engine, params, calibration, weights=weights, carry=carry)
+        return engine, carry, report
+    tmpl = drafter.template
+    if budget > tmpl.num_nodes:
+        raise InvalidArgumentError(f"--budget {budget} must be between 1 and the template's {tmpl.num_nodes} nodes")
+    prior = np.array([rank_prior(p) for p in tmpl.paths])  # the order the template itself was built in
+    pruned = drafter.with_template(prune_template(tmpl, prior, budget))
+    return dataclasses.replace(engine, drafter=pruned), carry, {"nodes": budget}
+
+
+def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights=None, carry=None,
                 max_new_tokens: int = 96, cost: dict[int, float] | None = None):
-    """(engine with the pruned template, report, draft params after calibration).
+    """(engine with the pruned template, report, carry after calibration).
 
     Drafters that learn while decoding (Token Recycling) come out of the calibration warm: the
-    returned draft params carry what they learned.
+    returned carry holds what they learned.
     """
     drafter = engine.drafter
-    if not hasattr(drafter, "with_template"):
-        raise InvalidArgumentError(f"--budget auto needs a drafter with a static tree template; "
-                                   f"{drafter.name} has none")
-    hits, steps, draft_s, committed = np.zeros(drafter.num_nodes), 0, 0.0, 0
+    N = drafter.shape.nodes
+    hits, steps, draft_s, committed = np.zeros(N), 0, 0.0, 0
     for i, prompt in enumerate(calibration):  # one at a time: costs are measured for batch 1
-        gen = generate(engine, params, [prompt], max_new_tokens, draft_params=draft_params, time_phases=True)
-        draft_params = gen.draft_params
+        gen = generate(engine, params, [prompt], max_new_tokens, weights=weights, carry=carry, time_phases=True)
+        carry = gen.carry
         if i == 0 and len(calibration) > 1:
             continue  # the first run compiles the step halves; its times are not representative
         hits += np.asarray(gen.node_hits)
@@ -40,14 +79,14 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, draft_p
         committed += len(gen.token_ids[0]) - 1
         draft_s += gen.draft_seconds
     rates = hits / max(steps, 1)
-    cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(drafter.num_nodes + 1))
+    cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(N + 1))
     n, curve = choose_budget(rates, cost, draft_s / max(steps, 1))
     template = prune_template(drafter.template, rates, n)
-    report = {"nodes": template.num_nodes, "depth": template.max_depth, "of_nodes": drafter.num_nodes,
+    report = {"nodes": template.num_nodes, "depth": template.max_depth, "of_nodes": N,
               "expected_tau": next(c["expected_tau"] for c in curve if c["nodes"] == n),
               "calibration_tau": committed / max(steps, 1), "draft_seconds_per_step": draft_s / max(steps, 1),
               "cost_seconds": cost, "curve": curve}
-    return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, draft_params
+    return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, carry
 
 
 def _sizes(max_tokens: int) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Host-side generation API: pad prompts, prefill, run the on-device loop, collect statistics."""
+"""Host-side generation API: pad prompts, check the drafter, prefill, run the on-device loop, collect statistics."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.decoding.engine import DecodeState, Engine
-from spec_jax.models.llama import shard_cache
-from spec_jax.sharding import batch_sharding
+from spec_jax.decoding.engine import DecodeState, Engine, audit_drafter
+from spec_jax.metrics import tau
+from spec_jax.sharding import fetch
 
 
 @dataclasses.dataclass
@@ -31,7 +30,7 @@ class Generation:
     draft_seconds: float | None = None  # time in the drafting halves of the steps (phase-timed runs)
     verify_seconds: float | None = None  # time in the verifying halves (target forward, verify, commit)
     host_seconds: float = 0.0  # time host drafters spent in host code (inside the draft phase)
-    draft_params: Any = None  # the drafter's params for the next run (`Drafter.next_params`: hot start)
+    carry: Any = None  # what the drafter hands the next request (`Drafter.carry_out`: a hot start)
 
     @property
     def new_tokens(self) -> int:
@@ -44,9 +43,7 @@ class Generation:
     @property
     def tau(self) -> float:
         """Tokens committed per target forward in the decode phase, bonus token counted (AR = 1.0)."""
-        steps = sum(f - 1 for f in self.target_forwards)
-        committed = sum(len(t) - 1 for t in self.token_ids)
-        return committed / steps if steps else 1.0
+        return tau(self.new_tokens, sum(self.target_forwards), len(self.token_ids))
 
     @property
     def acceptance_by_depth(self) -> list[float]:
@@ -68,80 +65,62 @@ class Generation:
         }
 
 
-def shard_state(state: DecodeState, mesh) -> DecodeState:
-    """Place a decode state on the mesh: the cache by its logical axes, per-sequence arrays by batch."""
-    B = state.tokens.shape[0]
-    per_seq = lambda x: jax.device_put(x, batch_sharding(x, mesh) if np.ndim(x) and np.shape(x)[0] == B
-                                       else batch_sharding(np.zeros(()), mesh))
-    rest = jax.tree.map(per_seq, state.replace(cache=None))
-    return rest.replace(cache=shard_cache(state.cache, mesh))
-
-
 def generate(engine: Engine, params, prompts: list[list[int]], max_new_tokens: int, *, seed: int = 0,
-             draft_params=None, cache_size: int | None = None,
+             weights=None, carry=None, cache_size: int | None = None,
              stream: Callable[[list[list[int]]], None] | None = None, chunk_steps: int = 16,
-             mesh=None, time_phases: bool = False) -> Generation:
+             time_phases: bool = False) -> Generation:
     """Generate up to `max_new_tokens` for each prompt with the engine's drafter and sampling.
 
-    With `stream`, the device loop runs `chunk_steps` steps at a time and `stream` receives the
-    tokens generated so far after each chunk; otherwise the whole loop is one device call.
-    With a `mesh`, params are expected on it (`models.llama.shard_params`) and the decode state is
-    placed on it after prefill (batch over `data`, KV heads over `model`) and the loop is jitted
-    with those shardings as its in/out shardings.
-    With `time_phases`, the loop runs from the host one step at a time, drafting and verifying as
-    separate device calls, and the result reports the time spent in each (`draft_seconds`,
-    `verify_seconds`); the host round trips make such a run slightly slower than the fused loop.
+    `weights` are the drafter's trained weights, `carry` what a previous request left it (see
+    `drafters.base`). With `stream`, the device loop runs `chunk_steps` steps at a time and `stream`
+    receives the tokens generated so far after each chunk; otherwise the whole loop is one device call.
+    With `engine.mesh`, params and weights are expected on that mesh (`load_model(..., mesh=)`,
+    `init_params(..., mesh=)`); the decode state is born sharded in prefill and every jitted call has
+    explicit in/out shardings. With `time_phases`, the loop runs from the host one step at a time,
+    drafting and verifying as separate device calls, and the result reports the time spent in each
+    (`draft_seconds`, `verify_seconds`); the host round trips make such a run slightly slower.
     """
     padded, lens = engine.pad_prompts(prompts)
     size = cache_size or engine.cache_size(int(lens.max()), max_new_tokens)
     engine.check(lens.tolist(), max_new_tokens, size)
-    engine.drafter.check(engine.cfg, draft_params)
+    audit_drafter(engine, params, weights, carry)
     host0 = engine.drafter.host_seconds()
     t0 = time.perf_counter()
-    state: DecodeState = engine.prefill(params, draft_params, jnp.asarray(padded), jnp.asarray(lens),
-                                        jnp.full((len(prompts),), max_new_tokens, jnp.int32),
-                                        jax.random.key(seed), size)
-    if mesh is not None:
-        state = shard_state(state, mesh)
-    jax.block_until_ready(state.tokens)
+    state: DecodeState = engine.prefill(params, weights, carry, padded, lens, max_new_tokens, seed, size)
+    jax.block_until_ready(state.tokens_BxS)
     t_first = time.perf_counter() - t0
     if stream is not None:
         stream(engine.outputs(state))
     draft_s = verify_s = None
     if time_phases:
-        state, draft_s, verify_s = _run_phases(engine, params, draft_params, state, stream, chunk_steps)
+        state, draft_s, verify_s = _run_phases(engine, params, weights, state, stream, chunk_steps)
     else:
-        run = engine.run if mesh is None else engine.sharded_run(params, draft_params, state)
         limit = 0
-        while not bool(jnp.all(state.done)):
+        while not engine.all_done(state):
             limit = limit + chunk_steps if stream is not None else np.iinfo(np.int32).max
-            state = run(params, draft_params, state, jnp.int32(limit))
+            state = engine.run(params, weights, state, limit)
             if stream is not None:
                 stream(engine.outputs(state))
-    jax.block_until_ready(state.tokens)
+    jax.block_until_ready(state.tokens_BxS)
     seconds = time.perf_counter() - t0
-    host = jax.device_get(state)
+    counters = fetch(state.counters(), engine.mesh)
     return Generation(
         token_ids=engine.outputs(state), seconds=seconds, prefill_seconds=t_first,
-        target_forwards=host.forwards.tolist(), accepted=host.accepted.tolist(),
-        reached=host.reached.tolist(), accepted_at=host.accepted_at.tolist(), node_hits=host.node_hits.tolist(),
-        draft_seconds=draft_s, verify_seconds=verify_s, host_seconds=engine.drafter.host_seconds() - host0,
-        draft_params=engine.drafter.next_params(draft_params, state.drafter))
+        target_forwards=counters["forwards"].tolist(), accepted=counters["accepted"].tolist(),
+        reached=counters["reached"].tolist(), accepted_at=counters["accepted_at"].tolist(),
+        node_hits=counters["node_hits"].tolist(), draft_seconds=draft_s, verify_seconds=verify_s,
+        host_seconds=engine.drafter.host_seconds() - host0, carry=engine.drafter.carry_out(state.drafter))
 
 
-def _run_phases(engine: Engine, params, dparams, state: DecodeState, stream, chunk_steps: int):
+def _run_phases(engine: Engine, params, weights, state: DecodeState, stream, chunk_steps: int):
     """Step from the host, timing the drafting and the verifying half of every step."""
     draft_s = verify_s = 0.0
     steps = 0
-    while not bool(jnp.all(state.done)):
+    while not engine.all_done(state):
         t0 = time.perf_counter()
-        proposal = engine.draft_phase(params, dparams, state.replace(cache=None, drafter=None), state.cache,
-                                      state.drafter)
-        jax.block_until_ready(proposal)
+        proposal = jax.block_until_ready(engine.draft_phase(params, weights, state))
         t1 = time.perf_counter()
-        state = engine.verify_phase(params, dparams, state.replace(cache=None, drafter=None),
-                                    proposal._replace(cache=None, drafter=None), proposal.cache, proposal.drafter)
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(engine.verify_phase(params, weights, state, proposal))
         draft_s += t1 - t0
         verify_s += time.perf_counter() - t1
         steps += 1
@@ -150,4 +129,3 @@ def _run_phases(engine: Engine, params, dparams, state: DecodeState, stream, chu
     if stream is not None:
         stream(engine.outputs(state))
     return state, draft_s, verify_s
-

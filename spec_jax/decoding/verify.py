@@ -21,74 +21,77 @@ from flax import struct
 from spec_jax import sampling as sp
 from spec_jax.trees import DraftTree
 
+# "lossless" (the rules above) or "typical": Medusa-2's typical acceptance, LOSSY, opt-in only.
+VERIFY_MODES = ("lossless", "typical")
+
 
 @struct.dataclass
 class VerifyResult:
-    path: jax.Array  # [B, D+1] accepted slots by depth, path[:, 0] = 0 (root)
-    num_accepted: jax.Array  # [B] accepted draft nodes
-    next_token: jax.Array  # [B] bonus or corrected token
+    path_BxP: jax.Array  # [B, D+1] accepted slots by depth, path[:, 0] = 0 (root)
+    num_accepted_B: jax.Array  # accepted draft nodes
+    next_token_B: jax.Array  # bonus or corrected token
 
 
 def verify(tree: DraftTree, logits_BxTxV: jax.Array, s: sp.Sampling, rng: jax.Array,
            max_depth: int, mode: str = "lossless", typical=(0.09, 0.3)) -> VerifyResult:
     """Accepted path, accepted count and next token for each sequence.
 
-    `mode="typical"` is Medusa-2's typical acceptance: LOSSY (the output distribution is not the
-    target's), opt-in only. `typical = (epsilon, delta)`: accept x when
-    p(x) > min(epsilon, delta * exp(-H(p))).
+    `mode="typical"` is Medusa-2's typical acceptance (Cai et al. 2024): LOSSY (the output distribution
+    is not the target's), opt-in only. `typical = (epsilon, delta)`: accept x when
+    p(x) > min(epsilon, delta * exp(-H(p))), p the target's temperature-processed distribution
+    (softmax of the raw logits under greedy decoding).
     """
     if mode == "typical":
         return _verify_typical(tree, logits_BxTxV, s, rng, max_depth, *typical)
     if mode != "lossless":
-        raise ValueError(f"unknown verification mode {mode!r}; use 'lossless' or 'typical' (lossy)")
+        raise ValueError(f"unknown verification mode {mode!r}; use one of {VERIFY_MODES}")
     if s.greedy:
         return _verify_greedy(tree, logits_BxTxV, max_depth)
-    p_all = sp.probs(logits_BxTxV, s)
+    p_BxTxV = sp.probs(logits_BxTxV, s)
     rngs = jax.random.split(rng, tree.tokens.shape[0])
     return jax.vmap(_verify_sampled, in_axes=(0, 0, 0, 0, 0 if tree.q is not None else None, 0, 0,
                                               None))(
-        tree.tokens, tree.parents, tree.depth, tree.valid, tree.q, p_all, rngs, max_depth)
+        tree.tokens, tree.parents, tree.depth, tree.valid, tree.q, p_BxTxV, rngs, max_depth)
 
 
 def _walk(tree: DraftTree, choose, max_depth: int):
     """Descend the tree level by level, accepting the first child of the current slot that `choose` allows."""
     B = tree.tokens.shape[0]
-    cur = jnp.zeros((B,), jnp.int32)
-    alive = jnp.ones((B,), bool)
-    path = [cur]
+    cur_B = jnp.zeros((B,), jnp.int32)
+    alive_B = jnp.ones((B,), bool)
+    path = [cur_B]
+    parent_slot_BxN = tree.parents + 1
     for d in range(1, max_depth + 1):
-        parent_slot = tree.parents + 1
-        cand = tree.valid & (tree.depth == d) & (parent_slot == cur[:, None]) & choose(cur)
-        found = alive & jnp.any(cand, axis=1)
-        nxt = (jnp.argmax(cand, axis=1) + 1).astype(jnp.int32)
-        cur = jnp.where(found, nxt, cur)
-        alive = found
-        path.append(jnp.where(found, nxt, 0))
-    path = jnp.stack(path, axis=1)
-    return path, cur, jnp.sum(path[:, 1:] > 0, axis=1).astype(jnp.int32)
+        cand_BxN = tree.valid & (tree.depth == d) & (parent_slot_BxN == cur_B[:, None]) & choose(cur_B)
+        found_B = alive_B & jnp.any(cand_BxN, axis=1)
+        nxt_B = (jnp.argmax(cand_BxN, axis=1) + 1).astype(jnp.int32)
+        cur_B = jnp.where(found_B, nxt_B, cur_B)
+        alive_B = found_B
+        path.append(jnp.where(found_B, nxt_B, 0))
+    path_BxP = jnp.stack(path, axis=1)
+    return path_BxP, cur_B, jnp.sum(path_BxP[:, 1:] > 0, axis=1).astype(jnp.int32)
 
 
-def _verify_greedy(tree, logits, max_depth):
-    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, 1+N]
-    at = lambda cur: jnp.take_along_axis(target, cur[:, None], axis=1)
-    path, cur, n = _walk(tree, lambda cur: tree.tokens == at(cur), max_depth)
-    return VerifyResult(path=path, num_accepted=n, next_token=at(cur)[:, 0])
+def _verify_greedy(tree, logits_BxTxV, max_depth):
+    target_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+    at = lambda cur_B: jnp.take_along_axis(target_BxT, cur_B[:, None], axis=1)
+    path_BxP, cur_B, n_B = _walk(tree, lambda cur_B: tree.tokens == at(cur_B), max_depth)
+    return VerifyResult(path_BxP=path_BxP, num_accepted_B=n_B, next_token_B=at(cur_B)[:, 0])
 
 
-def _verify_typical(tree, logits, s, rng, max_depth, epsilon, delta):
-    p_all = sp.probs(logits, s) if not s.greedy else jax.nn.softmax(logits.astype(jnp.float32), -1)
-    entropy = -jnp.sum(jnp.where(p_all > 0, p_all * jnp.log(jnp.maximum(p_all, 1e-38)), 0.0), -1)
-    threshold = jnp.minimum(epsilon, delta * jnp.exp(-entropy))  # [B, 1+N]
+def _verify_typical(tree, logits_BxTxV, s, rng, max_depth, epsilon, delta):
+    p_BxTxV = sp.probs(logits_BxTxV, s) if not s.greedy else jax.nn.softmax(logits_BxTxV.astype(jnp.float32), -1)
+    threshold_BxT = jnp.minimum(epsilon, delta * jnp.exp(-sp.entropy(p_BxTxV)))
+    p_at = lambda cur_B: jnp.take_along_axis(p_BxTxV, cur_B[:, None, None], axis=1)[:, 0]  # [B, V]
 
-    def choose(cur):
-        p_cur = jnp.take_along_axis(p_all, cur[:, None, None], axis=1)[:, 0]  # [B, V]
-        p_nodes = jnp.take_along_axis(p_cur, tree.tokens, axis=1)
-        return p_nodes > jnp.take_along_axis(threshold, cur[:, None], axis=1)
+    def choose(cur_B):
+        p_nodes_BxN = jnp.take_along_axis(p_at(cur_B), tree.tokens, axis=1)
+        return p_nodes_BxN > jnp.take_along_axis(threshold_BxT, cur_B[:, None], axis=1)
 
-    path, cur, n = _walk(tree, choose, max_depth)
-    p_cur = jnp.take_along_axis(p_all, cur[:, None, None], axis=1)[:, 0]
-    nxt = jnp.argmax(p_cur, -1) if s.greedy else sp.sample(rng, p_cur)
-    return VerifyResult(path=path, num_accepted=n, next_token=nxt.astype(jnp.int32))
+    path_BxP, cur_B, n_B = _walk(tree, choose, max_depth)
+    p_cur_BxV = p_at(cur_B)
+    nxt_B = jnp.argmax(p_cur_BxV, -1) if s.greedy else sp.sample(rng, p_cur_BxV)
+    return VerifyResult(path_BxP=path_BxP, num_accepted_B=n_B, next_token_B=nxt_B.astype(jnp.int32))
 
 
 def _residual(p, q_or_none, token):
@@ -120,4 +123,4 @@ def _verify_sampled(tokens_N, parents_N, depth_N, valid_N, q_NxV, p_TxV, rng, ma
 
     init = (jnp.int32(0), p_TxV[0], jnp.zeros((max_depth + 1,), jnp.int32), jnp.int32(0))
     cur, p, path, n = jax.lax.fori_loop(0, n_nodes, body, init) if n_nodes else init
-    return VerifyResult(path=path, num_accepted=n, next_token=sp.sample(keys[-1], p).astype(jnp.int32))
+    return VerifyResult(path_BxP=path, num_accepted_B=n, next_token_B=sp.sample(keys[-1], p).astype(jnp.int32))

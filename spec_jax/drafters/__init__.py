@@ -1,5 +1,14 @@
-"""Drafters, all behind the `Drafter` interface of `base.py`; one family per file."""
+"""Drafters, all behind the contract of `base.py`, one family per file, each registered in `registry.py`."""
 
-from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult
+from spec_jax.drafters.base import (
+    Drafter,
+    DraftShape,
+    PrefillContext,
+    StepContext,
+    StepResult,
+    TemplateDrafter,
+)
+from spec_jax.drafters.registry import Built, Method, Option, Target, register
 
-__all__ = ["Drafter", "PrefillContext", "StepContext", "StepResult"]
+__all__ = ["Built", "DraftShape", "Drafter", "Method", "Option", "PrefillContext", "StepContext", "StepResult",
+           "Target", "TemplateDrafter", "register"]

@@ -1,21 +1,39 @@
-"""The one interface every drafter implements, and the contexts the engine hands it.
+"""The drafter contract: the one interface every drafter implements, and the records the engine hands it.
 
-A drafter is a frozen (hashable) dataclass holding only static settings; everything that changes
-lives in its state pytree, and a draft model's weights are passed separately as `params`. All
-methods run inside the engine's jitted step, so they must be traceable.
+A drafter is a frozen (hashable) dataclass of static settings; it is a jit static argument. What it
+works with comes in three separate pytrees:
+
+- `weights`: trained, frozen parameters (a draft model, draft heads); never changed by decoding;
+- `carry`: state carried from one request to the next (Token Recycling's matrix: a hot start); it
+  enters through `init` and leaves through `carry_out`;
+- `state`: the per-run state pytree (caches, pools, policy state), created by `init`.
+
+The engine calls, inside its jitted functions (so everything must be traceable):
+
+    state = init(weights, carry, cfg, batch, cache_size)
+    state = prefill(weights, state, PrefillContext)                  # after the target read the prompt
+    tree, state, target_cache = propose(weights, state, StepContext)  # every step
+    state = observe(weights, state, StepResult)                       # after verification and commit
+
+`shape` is the single source of truth for the static bounds of what `propose` does: the number of tree
+nodes N (every proposed `DraftTree` is `[B, N]`), the deepest node, and the number of target-cache
+scratch slots past the committed length that `propose` may write (a self-speculative drafter runs the
+target's own layers and leaves K/V there; verification overwrites them). The engine sizes the cache from
+it and, before compiling, runs `propose` once eagerly on a small probe to check that the drafter keeps
+to it; a drafter that writes more scratch than it declares is refused (see `engine.audit_drafter`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.errors import DataFormatError
+from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.models import Config, KVCache
 from spec_jax.sampling import Sampling
 from spec_jax.trees import DraftTree, TreeTemplate
@@ -33,91 +51,127 @@ def load_int_array(path, ndim: int, what: str, hint: str = "") -> np.ndarray:
     return a
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftShape:
+    """Static bounds of what a drafter's `propose` does; the engine compiles and sizes buffers from them."""
+
+    nodes: int  # N: nodes of every proposed tree
+    depth: int  # the deepest node's depth (verification walks this many levels)
+    target_scratch: int = 0  # target-cache slots past the committed length that `propose` writes
+
+    def __post_init__(self):
+        if min(self.nodes, self.depth, self.target_scratch) < 0 or self.depth > self.nodes:
+            raise InvalidArgumentError(f"invalid draft shape {self}: counts must be >= 0 and depth <= nodes")
+
+
 class PrefillContext(NamedTuple):
+    """What `prefill` sees: the target has just read the prompts."""
+
     target_params: Any
     cfg: Config
     cache: KVCache  # target cache after the prompt (lengths = prompt lengths)
-    tokens: jax.Array  # [B, S] prompt then the first generated (pending) token
-    prompts: jax.Array  # [B, T] the right-padded prompts as fed to the target
-    prompt_lens: jax.Array  # [B]
-    hidden: dict  # target hidden states requested by `hidden_layers`, for the prompt
-    logits: jax.Array  # [B, 1, V] target logits at the last prompt token
+    tokens_BxS: jax.Array  # prompt then the first generated (pending) token
+    prompts_BxT: jax.Array  # the right-padded prompts as fed to the target
+    prompt_lens_B: jax.Array
+    hidden: dict  # target residual stream after i layers over the prompt, for i in `hidden_layers`
+    final_hidden_BxTxE: jax.Array  # target residual stream after the last layer (before the final norm)
+    logits_BxV: jax.Array  # target logits at the last prompt token
     sampling: Sampling
+    rng: jax.Array  # derived from the run's seed, for drafters that need randomness
 
 
 class StepContext(NamedTuple):
+    """What `propose` sees at the start of a step."""
+
     target_params: Any
     cfg: Config
-    cache: KVCache  # committed target cache
-    tokens: jax.Array  # [B, S] committed tokens; tokens[b, lengths[b]] is the pending token
-    lengths: jax.Array  # [B] committed lengths
-    pending: jax.Array  # [B] the token whose successors are drafted (the tree's root)
+    cache: KVCache  # committed target cache (`cache.lengths` = committed_B)
+    tokens_BxS: jax.Array  # committed tokens; tokens_BxS[b, committed_B[b]] is the pending token
+    committed_B: jax.Array  # committed lengths before this step
+    pending_B: jax.Array  # the token whose successors are drafted (the tree's root)
     sampling: Sampling
     rng: jax.Array
 
 
 class StepResult(NamedTuple):
+    """What `observe` sees after verification and the KV commit."""
+
     tree: DraftTree
-    inputs: jax.Array  # [B, 1+N] root + node tokens fed to the target
-    logits: jax.Array  # [B, 1+N, V] target logits at every slot
+    inputs_BxT: jax.Array  # [B, 1+N] root + node tokens fed to the target
+    logits_BxTxV: jax.Array  # target logits at every slot
     hidden: dict  # target hidden states at every slot, for `hidden_layers`
-    path: jax.Array  # [B, D+1] accepted slots by depth
-    num_accepted: jax.Array  # [B]
-    next_token: jax.Array  # [B]
-    tokens: jax.Array  # [B, S] updated token buffer
-    lengths: jax.Array  # [B] new committed lengths
-    active: jax.Array  # [B] sequences that were still generating in this step
+    final_hidden_BxTxE: jax.Array  # target residual stream after the last layer, at every slot
+    path_BxP: jax.Array  # [B, D+1] accepted slots by depth (slot 0 is the root)
+    num_accepted_B: jax.Array
+    next_token_B: jax.Array  # the bonus or corrected token (the next step's pending token)
+    tokens_BxS: jax.Array  # the token buffer after this step
+    committed_before_B: jax.Array  # committed lengths before this step (StepContext.committed_B)
+    committed_after_B: jax.Array  # committed lengths after it
+    active_B: jax.Array  # sequences that were still generating in this step
 
 
 @dataclasses.dataclass(frozen=True)
 class Drafter:
     """Base drafter: proposes nothing, which makes the engine plain autoregressive decoding."""
 
-    name = "ar"
-    host = False  # True for drafters whose propose runs on the host (timed separately)
+    name: ClassVar[str] = "ar"
+    host: ClassVar[bool] = False  # True for drafters whose propose runs on the host (timed separately)
+
+    @property
+    def shape(self) -> DraftShape:
+        """Static bounds of `propose` (nodes, depth, target scratch slots)."""
+        return DraftShape(nodes=0, depth=0)
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
         """Residual-stream depths of the target that `prefill` / `observe` need."""
         return ()
 
-    @property
-    def template(self) -> TreeTemplate:
-        """The static shape bound of the trees this drafter proposes."""
-        return TreeTemplate.chain(0)
+    def check(self, cfg: Config, weights, carry) -> None:
+        """Refuse a misconfiguration or mismatched weights/carry before any compute (override to validate)."""
 
-    @property
-    def num_nodes(self) -> int:
-        return self.template.num_nodes
-
-    @property
-    def max_depth(self) -> int:
-        return self.template.max_depth
-
-    def check(self, cfg: Config, params) -> None:
-        """Refuse a misconfiguration before any compute (override to validate)."""
-
-    def init(self, params, cfg: Config, batch: int, cache_size: int):
-        """Initial state pytree."""
+    def init(self, weights, carry, cfg: Config, batch: int, cache_size: int):
+        """Initial state pytree (from `carry` when the previous request left one)."""
         return ()
 
-    def prefill(self, params, state, ctx: PrefillContext):
+    def prefill(self, weights, state, ctx: PrefillContext):
         return state
 
-    def propose(self, params, state, ctx: StepContext) -> tuple[DraftTree, Any, KVCache]:
-        """A tree of drafts, the new state, and the target cache (drafters may write scratch)."""
-        B = ctx.pending.shape[0]
-        empty = jnp.zeros((B, 0), jnp.int32)
-        return self.template.build(empty), state, ctx.cache
+    def propose(self, weights, state, ctx: StepContext) -> tuple[DraftTree, Any, KVCache]:
+        """A tree of drafts, the new state, and the target cache (with any scratch `propose` wrote)."""
+        empty = jnp.zeros((ctx.pending_B.shape[0], 0), jnp.int32)
+        return TreeTemplate.chain(0).build(empty), state, ctx.cache
 
-    def observe(self, params, state, result: StepResult):
+    def observe(self, weights, state, result: StepResult):
         return state
+
+    def carry_out(self, state):
+        """What the next request starts from (drafters that learn while decoding); None otherwise."""
+        return None
 
     def host_seconds(self) -> float:
         """Seconds this drafter has spent in host code so far (host drafters; 0 for on-device ones)."""
         return 0.0
 
-    def next_params(self, params, state):
-        """Params for the next run, given this run's final state (drafters that learn while decoding,
-        like Token Recycling, carry what they learned across requests)."""
-        return params
+
+@dataclasses.dataclass(frozen=True)
+class TemplateDrafter(Drafter):
+    """A drafter whose trees all have one static shape, `template`; its `shape` follows from it.
+
+    `prunable` drafters fill any sub-tree of their template equally well, so `--budget N|auto` can
+    shrink the template (`with_template`) to what this device verifies fastest.
+    """
+
+    prunable: ClassVar[bool] = False
+
+    @property
+    def template(self) -> TreeTemplate:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> DraftShape:
+        return DraftShape(nodes=self.template.num_nodes, depth=self.template.max_depth)
+
+    def with_template(self, template: TreeTemplate) -> TemplateDrafter:
+        """This drafter with its tree replaced by `template` (a pruned sub-tree of its own); prunable only."""
+        raise InvalidArgumentError(f"method {self.name} has no prunable tree")

@@ -9,9 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from spec_jax import sampling as sp
-from spec_jax.drafters.base import Drafter, StepResult
-from spec_jax.policies import FixedLength, LengthPolicy
+from spec_jax.drafters.base import StepResult, TemplateDrafter
+from spec_jax.drafters.registry import Option
+from spec_jax.policies import POLICIES, FixedLength, LengthPolicy
 from spec_jax.trees import DraftTree, TreeTemplate
+
+LENGTH_POLICY = Option("length_policy", str, "fixed", "draft-length policy of chain drafters (draft, layer_skip)",
+                       choices=tuple(POLICIES))
 
 # model_step(cache, tokens[B, T], positions[B, T]) -> (logits[B, V] of the last token, cache); the
 # T new entries are written at cache slots positions[:, 0].. (slot = position for chain drafters).
@@ -60,7 +64,7 @@ def draft_chain(model_step: ModelStep, cache, first_tokens_BxT, first_positions_
 
 
 @dataclasses.dataclass(frozen=True)
-class ChainDrafter(Drafter):
+class ChainDrafter(TemplateDrafter):
     """Base of drafters that propose one chain of up to `policy.k` tokens and adapt its length."""
 
     policy: LengthPolicy = FixedLength(5)
@@ -69,6 +73,7 @@ class ChainDrafter(Drafter):
     def template(self) -> TreeTemplate:
         return TreeTemplate.chain(self.policy.k)
 
-    def observe(self, params, state, result: StepResult):
-        drafted = jnp.sum(result.tree.valid, axis=1)
-        return {**state, "policy": self.policy.update(state["policy"], result.num_accepted, drafted, result.active)}
+    def observe(self, weights, state, result: StepResult):
+        drafted_B = jnp.sum(result.tree.valid, axis=1)
+        policy = self.policy.update(state["policy"], result.num_accepted_B, drafted_B, result.active_B)
+        return {**state, "policy": policy}

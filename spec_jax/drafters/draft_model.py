@@ -15,11 +15,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult
-from spec_jax.drafters.chain import ChainDrafter, draft_chain
-from spec_jax.drafters.dynamic_tree import DynamicTree, draft_dynamic_tree
+from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepContext, StepResult
+from spec_jax.drafters.chain import LENGTH_POLICY, ChainDrafter, draft_chain
+from spec_jax.drafters.dynamic_tree import TREE_OPTIONS, DynamicTree, draft_dynamic_tree
+from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import TokenizerMismatchError
-from spec_jax.models import Config, commit, forward, init_cache
+from spec_jax.models import Config, commit, forward, init_cache, truncate
+from spec_jax.policies import make_policy
 
 
 class _DraftModelBase:
@@ -27,34 +29,35 @@ class _DraftModelBase:
 
     draft_cfg: Config
 
-    def check(self, cfg: Config, params) -> None:
-        if self.draft_cfg is None or params is None:
+    def check(self, cfg: Config, weights, carry) -> None:
+        if self.draft_cfg is None or weights is None:
             raise TypeError("the draft-model drafter needs draft_cfg and draft params")
         if self.draft_cfg.vocab_size != cfg.vocab_size:
             raise TokenizerMismatchError(
                 f"draft vocabulary size {self.draft_cfg.vocab_size} != target's {cfg.vocab_size}; "
                 "the draft model must use the target's tokenizer")
 
-    def _step(self, params):
+    def _step(self, weights):
         def model_step(cache, tokens, positions):
             cache = cache.replace(lengths=positions[:, 0])
-            out = forward(params, self.draft_cfg, tokens, positions, cache,
+            out = forward(weights, self.draft_cfg, tokens, positions, cache,
                           logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
             return out.logits[:, 0], out.cache
         return model_step
 
-    def prefill(self, params, state, ctx: PrefillContext):
+    def prefill(self, weights, state, ctx: PrefillContext):
         # Padding entries past each prompt are scratch, overwritten by later steps.
-        B, T = ctx.prompts.shape
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        out = forward(params, self.draft_cfg, ctx.prompts, positions, state["cache"], compute_logits=False)
+        B, T = ctx.prompts_BxT.shape
+        positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        out = forward(weights, self.draft_cfg, ctx.prompts_BxT, positions_BxT, state["cache"], compute_logits=False)
         return {**state, "cache": out.cache}
 
     @staticmethod
     def _root_inputs(ctx: StepContext):
         """[last committed token, pending token] and their positions."""
-        prev = jnp.take_along_axis(ctx.tokens, (ctx.lengths - 1)[:, None], axis=1)[:, 0]
-        return jnp.stack([prev, ctx.pending], axis=1), jnp.stack([ctx.lengths - 1, ctx.lengths], axis=1)
+        prev_B = jnp.take_along_axis(ctx.tokens_BxS, (ctx.committed_B - 1)[:, None], axis=1)[:, 0]
+        return (jnp.stack([prev_B, ctx.pending_B], axis=1),
+                jnp.stack([ctx.committed_B - 1, ctx.committed_B], axis=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +65,12 @@ class DraftModel(_DraftModelBase, ChainDrafter):
     draft_cfg: Config = None
     name = "draft"
 
-    def init(self, params, cfg, batch, cache_size):
+    def init(self, weights, carry, cfg, batch, cache_size):
         return {"cache": init_cache(self.draft_cfg, batch, cache_size), "policy": self.policy.init(batch)}
 
-    def propose(self, params, state, ctx: StepContext):
+    def propose(self, weights, state, ctx: StepContext):
         first, positions = self._root_inputs(ctx)
-        tree, cache = draft_chain(self._step(params), state["cache"], first, positions, self.policy,
+        tree, cache = draft_chain(self._step(weights), state["cache"], first, positions, self.policy,
                                   state["policy"], ctx.sampling, ctx.rng)
         return tree, {**state, "cache": cache}, ctx.cache
 
@@ -81,40 +84,71 @@ class DraftModelTree(_DraftModelBase, Drafter):
     name = "draft_tree"
 
     @property
-    def num_nodes(self) -> int:
-        return self.tree.num_nodes
+    def shape(self) -> DraftShape:
+        return DraftShape(nodes=self.tree.num_nodes, depth=self.tree.depth)
 
-    @property
-    def max_depth(self) -> int:
-        return self.tree.depth
-
-    def init(self, params, cfg, batch, cache_size):
+    def init(self, weights, carry, cfg, batch, cache_size):
         # The draft cache also holds the expanded nodes' scratch entries below the tree's nodes.
         return {"cache": init_cache(self.draft_cfg, batch, cache_size + self.tree.num_fed),
-                "fed": jnp.full((batch, self.num_nodes), -1, jnp.int32)}
+                "fed": jnp.full((batch, self.tree.num_nodes), -1, jnp.int32)}
 
-    def propose(self, params, state, ctx: StepContext):
-        first, positions = self._root_inputs(ctx)
-        cache = state["cache"].replace(lengths=ctx.lengths - 1)
-        out = forward(params, self.draft_cfg, first, positions, cache,
-                      logits_at=jnp.ones((first.shape[0], 1), jnp.int32))
-        base = ctx.lengths + 1  # committed draft entries: the prompt, the accepted tokens, the pending one
+    def propose(self, weights, state, ctx: StepContext):
+        first_Bx2, positions_Bx2 = self._root_inputs(ctx)
+        cache = state["cache"].replace(lengths=ctx.committed_B - 1)
+        out = forward(weights, self.draft_cfg, first_Bx2, positions_Bx2, cache,
+                      logits_at=jnp.ones((first_Bx2.shape[0], 1), jnp.int32))
+        base_B = ctx.committed_B + 1  # committed draft entries: the prompt, the accepted tokens, the pending one
 
         def tree_step(cache, tokens, positions, tree_mask):
-            o = forward(params, self.draft_cfg, tokens, positions, cache.replace(lengths=base), tree_mask)
+            o = forward(weights, self.draft_cfg, tokens, positions, cache.replace(lengths=base_B), tree_mask)
             return o.logits, o.cache
 
-        tree, fed, cache = draft_dynamic_tree(tree_step, out.cache, out.logits[:, 0], ctx.lengths, self.tree,
-                                              ctx.sampling, ctx.rng)
-        return tree, {"cache": cache, "fed": fed}, ctx.cache
+        tree, fed_BxN, cache = draft_dynamic_tree(tree_step, out.cache, out.logits[:, 0], ctx.committed_B,
+                                                  self.tree, ctx.sampling, ctx.rng)
+        return tree, {"cache": cache, "fed": fed_BxN}, ctx.cache
 
-    def observe(self, params, state, result: StepResult):
+    def observe(self, weights, state, result: StepResult):
         # Move the draft entries of the accepted nodes (all but the last, which the next step
         # re-feeds as its `prev`) from their scratch slots to their positions.
-        a = result.num_accepted
-        nodes = jnp.maximum(result.path[:, 1:] - 1, 0)
-        offsets = jnp.take_along_axis(state["fed"], nodes, axis=1)
-        base = result.lengths - a  # = old lengths + 1
-        num = jnp.where(result.active, jnp.maximum(a - 1, 0), 0)
-        cache = commit(state["cache"].replace(lengths=base), offsets, num)
+        a_B = result.num_accepted_B
+        nodes_BxD = jnp.maximum(result.path_BxP[:, 1:] - 1, 0)
+        offsets_BxD = jnp.take_along_axis(state["fed"], nodes_BxD, axis=1)
+        base_B = result.committed_before_B + 1
+        num_B = jnp.where(result.active_B, jnp.maximum(a_B - 1, 0), 0)
+        cache = commit(state["cache"].replace(lengths=base_B), offsets_BxD, num_B)
         return {**state, "cache": cache}
+
+
+# ----------------------------------------------------------------------------- registry
+
+DRAFT_OPTIONS = (
+    Option("draft_model", str, None, "draft model (short name, HF directory or .gguf) with the target's "
+           "tokenizer; default: the target's first --draft-layers layers as a stand-in"),
+    Option("draft_layers", int, 8, "layers of the stand-in draft model (when --draft-model is not given)"),
+)
+
+
+def load_draft(opts, target):
+    """(draft weights, draft config): `--draft-model`, or the target's first `--draft-layers` layers."""
+    from spec_jax.models.registry import check_same_tokenizer, load_model, load_tokenizer
+
+    if opts.draft_model:
+        weights, dcfg = load_model(opts.draft_model, target.dtype, mesh=target.mesh)
+        check_same_tokenizer(target.tokenizer, load_tokenizer(opts.draft_model), target.cfg, dcfg)
+        return weights, dcfg
+    return truncate(target.params, target.cfg, opts.draft_layers)
+
+
+@register("draft", "a separate draft model (same tokenizer) drafts a chain; adaptive length policies",
+          options=(*DRAFT_OPTIONS, Option("draft_k", int, 5, "maximum draft length"), LENGTH_POLICY))
+def build_draft(opts, target) -> Built:
+    weights, dcfg = load_draft(opts, target)
+    return Built(DraftModel(draft_cfg=dcfg, policy=make_policy(opts.length_policy, opts.draft_k)), weights)
+
+
+@register("draft_tree", "the draft model grows a dynamic tree (EAGLE-2 expansion and reranking)",
+          options=(*DRAFT_OPTIONS, *TREE_OPTIONS))
+def build_draft_tree(opts, target) -> Built:
+    weights, dcfg = load_draft(opts, target)
+    tree = DynamicTree(opts.tree_depth, opts.tree_width, opts.tree_k, opts.tree_budget, opts.sampled_children)
+    return Built(DraftModelTree(draft_cfg=dcfg, tree=tree), weights)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from spec_jax import sampling as sp
+from spec_jax.drafters.registry import Option
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.trees import DraftTree, ancestor_mask_from_parents
 
@@ -69,17 +70,17 @@ class DynamicTree:
 def _children(key, logits_BxWxV, spec: DynamicTree, s: sp.Sampling):
     """k children per expanded node: (tokens, log q of each, q or None), each [B, W*k(, V)]."""
     B, W, V = logits_BxWxV.shape
-    q = sp.probs(logits_BxWxV, s) if not s.greedy else jax.nn.softmax(logits_BxWxV, -1)
-    logq = jnp.log(jnp.maximum(q, 1e-30))
+    q_BxWxV = sp.probs(logits_BxWxV, s) if not s.greedy else jax.nn.softmax(logits_BxWxV, -1)
+    logq_BxWxV = jnp.log(jnp.maximum(q_BxWxV, 1e-30))
     if spec.sampled:
-        toks = jax.random.categorical(key, logq[:, :, None, :], axis=-1, shape=(B, W, spec.k))
-        toks = toks.astype(jnp.int32)
-        qs = jnp.broadcast_to(q[:, :, None, :], (B, W, spec.k, V)).reshape(B, W * spec.k, V)
+        toks_BxWxk = jax.random.categorical(key, logq_BxWxV[:, :, None, :], axis=-1, shape=(B, W, spec.k))
+        toks_BxWxk = toks_BxWxk.astype(jnp.int32)
+        qs = jnp.broadcast_to(q_BxWxV[:, :, None, :], (B, W, spec.k, V)).reshape(B, W * spec.k, V)
     else:
-        toks = jax.lax.top_k(logq, spec.k)[1].astype(jnp.int32)
+        toks_BxWxk = jax.lax.top_k(logq_BxWxV, spec.k)[1].astype(jnp.int32)
         qs = None
-    lq = jnp.take_along_axis(logq, toks, axis=2)
-    return toks.reshape(B, W * spec.k), lq.reshape(B, W * spec.k), qs
+    logq_BxWxk = jnp.take_along_axis(logq_BxWxV, toks_BxWxk, axis=2)
+    return toks_BxWxk.reshape(B, W * spec.k), logq_BxWxk.reshape(B, W * spec.k), qs
 
 
 def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_position_B, spec: DynamicTree,
@@ -87,63 +88,78 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
     """Grow a tree below the root; returns it, each node's scratch offset (-1: not fed), and the cache.
 
     `root_logits` are the drafting model's logits for the root's successors; node positions are
-    `root_position + depth`.
+    `root_position + depth`. Candidates are kept in breadth-first lists (one entry per level) of
+    tokens, cumulative log q scores, parent candidate indices, depths, q rows and fed slots.
     """
     B = root_logits_BxV.shape[0]
     W, k = spec.width, spec.k
     keys = jax.random.split(rng, spec.depth)
-    toks, score, qs = _children(keys[0], root_logits_BxV[:, None], spec, s)
-    cand_tok, cand_score, cand_parent = [toks], [score], [jnp.full((B, k), -1, jnp.int32)]
+    toks_BxC, score_BxC, qs = _children(keys[0], root_logits_BxV[:, None], spec, s)
+    cand_tok, cand_score, cand_parent = [toks_BxC], [score_BxC], [jnp.full((B, k), -1, jnp.int32)]
     cand_depth, cand_q, cand_fed = [jnp.ones((B, k), jnp.int32)], [qs], [jnp.full((B, k), -1, jnp.int32)]
-    fed_mask = jnp.zeros((B, 0, 0), bool)  # among fed slots: row i sees its fed ancestors and itself
-    level_tok, level_score, level_start = toks, score, 0
-    level_parent_fed = cand_fed[0]  # fed slot of each level candidate's parent (-1: the root)
+    fed_mask_BxFxF = jnp.zeros((B, 0, 0), bool)  # among fed slots: row i sees its fed ancestors and itself
+    level_tok_BxC, level_score_BxC, level_start = toks_BxC, score_BxC, 0
+    level_parent_fed_BxC = cand_fed[0]  # fed slot of each level candidate's parent (-1: the root)
     for d in range(1, spec.depth):
         # Expand the `width` best candidates of the current level.
-        n_fed = fed_mask.shape[1]
-        top = jax.lax.top_k(level_score, W)[1]  # [B, W] indices within the level
-        f_tok = jnp.take_along_axis(level_tok, top, 1)
-        f_score = jnp.take_along_axis(level_score, top, 1)
-        f_parent_slot = jnp.take_along_axis(level_parent_fed, top, 1)
-        parent_rows = jnp.take_along_axis(
-            jnp.pad(fed_mask, ((0, 0), (0, 1), (0, 0))), jnp.where(f_parent_slot < 0, n_fed, f_parent_slot)[:, :, None],
-            axis=1)  # [B, W, n_fed]
-        rows = jnp.concatenate([parent_rows, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))], axis=2)
-        fed_mask = jnp.concatenate([jnp.pad(fed_mask, ((0, 0), (0, 0), (0, W))), rows], axis=1)
+        n_fed = fed_mask_BxFxF.shape[1]
+        top_BxW = jax.lax.top_k(level_score_BxC, W)[1]  # indices within the level
+        f_tok_BxW = jnp.take_along_axis(level_tok_BxC, top_BxW, 1)
+        f_score_BxW = jnp.take_along_axis(level_score_BxC, top_BxW, 1)
+        f_parent_slot_BxW = jnp.take_along_axis(level_parent_fed_BxC, top_BxW, 1)
+        padded = jnp.pad(fed_mask_BxFxF, ((0, 0), (0, 1), (0, 0)))  # row n_fed: the root's (sees nothing)
+        parent_rows_BxWxF = jnp.take_along_axis(
+            padded, jnp.where(f_parent_slot_BxW < 0, n_fed, f_parent_slot_BxW)[:, :, None], axis=1)
+        rows_BxWxC = jnp.concatenate([parent_rows_BxWxF, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))],
+                                     axis=2)
+        fed_mask_BxFxF = jnp.concatenate([jnp.pad(fed_mask_BxFxF, ((0, 0), (0, 0), (0, W))), rows_BxWxC], axis=1)
         # Record which level candidates were fed and where.
-        slots = n_fed + jnp.arange(W, dtype=jnp.int32)
-        cand_fed[-1] = jnp.full(level_tok.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top].set(slots[None])
-        logits, cache = tree_step(cache, f_tok, (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32), rows)
-        toks, lq, qs = _children(keys[d], logits, spec, s)
-        score = jnp.repeat(f_score, k, axis=1) + lq
-        parent_idx = level_start + top  # candidate index of each expanded node
-        cand_tok.append(toks)
-        cand_score.append(score)
-        cand_parent.append(jnp.repeat(parent_idx, k, axis=1).astype(jnp.int32))
+        slots_W = n_fed + jnp.arange(W, dtype=jnp.int32)
+        cand_fed[-1] = jnp.full(level_tok_BxC.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top_BxW].set(
+            slots_W[None])
+        positions_BxW = (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32)
+        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxC)
+        toks_BxC, logq_BxC, qs = _children(keys[d], logits_BxWxV, spec, s)
+        score_BxC = jnp.repeat(f_score_BxW, k, axis=1) + logq_BxC
+        parent_idx_BxW = level_start + top_BxW  # candidate index of each expanded node
+        cand_tok.append(toks_BxC)
+        cand_score.append(score_BxC)
+        cand_parent.append(jnp.repeat(parent_idx_BxW, k, axis=1).astype(jnp.int32))
         cand_depth.append(jnp.full((B, W * k), d + 1, jnp.int32))
         cand_q.append(qs)
         cand_fed.append(jnp.full((B, W * k), -1, jnp.int32))
-        level_start += level_tok.shape[1]
-        level_tok, level_score = toks, score
-        level_parent_fed = jnp.broadcast_to(jnp.repeat(slots, k), (B, W * k))
+        level_start += level_tok_BxC.shape[1]
+        level_tok_BxC, level_score_BxC = toks_BxC, score_BxC
+        level_parent_fed_BxC = jnp.broadcast_to(jnp.repeat(slots_W, k), (B, W * k))
 
     cat = lambda xs: jnp.concatenate(xs, axis=1)
-    tok, score, parent, depth, fed = map(cat, (cand_tok, cand_score, cand_parent, cand_depth, cand_fed))
-    q = cat(cand_q) if spec.sampled else None
+    tok_BxM, score_BxM, parent_BxM, depth_BxM, fed_BxM = map(cat, (cand_tok, cand_score, cand_parent, cand_depth,
+                                                                    cand_fed))
     if spec.sampled:  # siblings are kept together: the whole expansion is the tree
-        return _tree(tok, parent, depth, q), fed, cache
+        return _tree(tok_BxM, parent_BxM, depth_BxM, cat(cand_q)), fed_BxM, cache
     # Keep the best `budget` candidates; a tiny depth penalty breaks parent/child ties toward the parent.
-    keep = jax.lax.top_k(score - 1e-6 * depth, spec.budget)[1]
-    keep = jnp.sort(keep, axis=1)  # candidate order is breadth-first, so sorted indices stay so
-    new_index = jax.vmap(lambda kp: jnp.full((tok.shape[1],), -1, jnp.int32).at[kp].set(
-        jnp.arange(spec.budget, dtype=jnp.int32)))(keep)
-    take = lambda a: jnp.take_along_axis(a, keep, axis=1)
-    kept_parent = take(parent)
-    new_parent = jnp.where(kept_parent < 0, -1, jnp.take_along_axis(new_index, jnp.maximum(kept_parent, 0), 1))
-    return _tree(take(tok), new_parent, take(depth), None), take(fed), cache
+    keep_BxN = jax.lax.top_k(score_BxM - 1e-6 * depth_BxM, spec.budget)[1]
+    keep_BxN = jnp.sort(keep_BxN, axis=1)  # candidate order is breadth-first, so sorted indices stay so
+    new_index_BxM = jax.vmap(lambda kp: jnp.full((tok_BxM.shape[1],), -1, jnp.int32).at[kp].set(
+        jnp.arange(spec.budget, dtype=jnp.int32)))(keep_BxN)
+    take = lambda a: jnp.take_along_axis(a, keep_BxN, axis=1)
+    kept_parent_BxN = take(parent_BxM)
+    new_parent_BxN = jnp.where(kept_parent_BxN < 0, -1,
+                               jnp.take_along_axis(new_index_BxM, jnp.maximum(kept_parent_BxN, 0), 1))
+    return _tree(take(tok_BxM), new_parent_BxN, take(depth_BxM), None), take(fed_BxM), cache
 
 
-def _tree(tokens, parents, depth, q) -> DraftTree:
-    B, N = tokens.shape
-    return DraftTree(tokens=tokens, parents=parents, depth=depth, mask=ancestor_mask_from_parents(parents),
-                     valid=jnp.ones((B, N), bool), q=q)
+def _tree(tokens_BxN, parents_BxN, depth_BxN, q) -> DraftTree:
+    B, N = tokens_BxN.shape
+    return DraftTree(tokens=tokens_BxN, parents=parents_BxN, depth=depth_BxN,
+                     mask=ancestor_mask_from_parents(parents_BxN), valid=jnp.ones((B, N), bool), q=q)
+
+
+TREE_OPTIONS = (
+    Option("tree_depth", int, 4, "levels of the dynamic tree"),
+    Option("tree_width", int, 4, "nodes expanded per level"),
+    Option("tree_k", int, 4, "children per expanded node"),
+    Option("tree_budget", int, 12, "nodes kept for verification"),
+    Option("sampled_children", bool, False, "draw children i.i.d. from the draft (recursive rejection "
+           "sampling) instead of its top-k; keeps the whole expansion"),
+)

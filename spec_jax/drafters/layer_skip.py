@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.drafters.base import StepContext
-from spec_jax.drafters.chain import ChainDrafter, draft_chain
+from spec_jax.drafters.base import DraftShape, StepContext
+from spec_jax.drafters.chain import LENGTH_POLICY, ChainDrafter, draft_chain
+from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.files import atomic_write_text
 from spec_jax.models import Config, forward, init_cache, param_bytes
-from spec_jax.policies import FixedLength, LengthPolicy
+from spec_jax.policies import FixedLength, LengthPolicy, make_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,13 @@ class LayerSkip(ChainDrafter):
     policy: LengthPolicy = FixedLength(4)
     name = "layer_skip"
 
-    def check(self, cfg: Config, params) -> None:
+    @property
+    def shape(self) -> DraftShape:
+        # The chain's first K - 1 drafts and the pending token are fed through the kept layers, leaving
+        # their K/V in the target cache's scratch slots (verification overwrites them).
+        return DraftShape(nodes=self.policy.k, depth=self.policy.k, target_scratch=self.policy.k)
+
+    def check(self, cfg: Config, weights, carry) -> None:
         bad = [i for i in self.skip if not 0 <= i < cfg.num_layers]
         if bad or len(set(self.skip)) >= cfg.num_layers:
             raise InvalidArgumentError(
@@ -42,18 +50,19 @@ class LayerSkip(ChainDrafter):
     def kept_layers(self, cfg: Config) -> tuple[int, ...]:
         return tuple(i for i in range(cfg.num_layers) if i not in set(self.skip))
 
-    def init(self, params, cfg, batch, cache_size):
+    def init(self, weights, carry, cfg, batch, cache_size):
         return {"policy": self.policy.init(batch)}
 
-    def propose(self, params, state, ctx: StepContext):
+    def propose(self, weights, state, ctx: StepContext):
         layers = self.kept_layers(ctx.cfg)
 
-        def model_step(cache, tokens, positions):
-            out = forward(ctx.target_params, ctx.cfg, tokens, positions, cache.replace(lengths=positions[:, 0]),
-                          layers=layers, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
-            return out.logits[:, 0], out.cache.replace(lengths=ctx.lengths)
+        def model_step(cache, tokens_BxT, positions_BxT):
+            out = forward(ctx.target_params, ctx.cfg, tokens_BxT, positions_BxT,
+                          cache.replace(lengths=positions_BxT[:, 0]), layers=layers,
+                          logits_at=jnp.full((tokens_BxT.shape[0], 1), tokens_BxT.shape[1] - 1, jnp.int32))
+            return out.logits[:, 0], out.cache.replace(lengths=ctx.committed_B)
 
-        tree, cache = draft_chain(model_step, ctx.cache, ctx.pending[:, None], ctx.lengths[:, None],
+        tree, cache = draft_chain(model_step, ctx.cache, ctx.pending_B[:, None], ctx.committed_B[:, None],
                                   self.policy, state["policy"], ctx.sampling, ctx.rng)
         return tree, state, cache
 
@@ -139,12 +148,7 @@ def search_skip_set(params, cfg: Config, calibration: list[list[int]], *, max_sk
 
 def save_skip_set(result: dict, path: str | os.PathLike, model: str) -> Path:
     """Write the search result as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"model": model, **result}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({"model": model, **result}, indent=2))
 
 
 def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[tuple[int, ...], int]:
@@ -162,3 +166,16 @@ def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[tuple[int, ...]
         raise DataFormatError(f"{path}: skip set is for a {data['num_layers']}-layer model, "
                               f"this model has {cfg.num_layers} layers")
     return skip, k
+
+
+@register("layer_skip", "self-speculative: the target drafts with a searched subset of its layers "
+          "(`spec-jax search-skip`)",
+          options=(Option("skip_file", str, None, "skip-set JSON written by `spec-jax search-skip`"),
+                   Option("draft_k", int, None, "maximum draft length (default: the k saved with the skip set)"),
+                   LENGTH_POLICY))
+def build(opts, target) -> Built:
+    if not opts.skip_file:
+        raise InvalidArgumentError("--method layer_skip needs --skip-file; create one with "
+                                   "`spec-jax search-skip --out skip.json`")
+    skip, k = load_skip_set(opts.skip_file, target.cfg)
+    return Built(LayerSkip(skip=skip, policy=make_policy(opts.length_policy, opts.draft_k or k)))

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.drafters.base import Drafter, PrefillContext, StepContext, StepResult
+from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepContext, StepResult
+from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.models import Config
-from spec_jax.trees import DraftTree, TreeTemplate, ancestor_mask, ancestor_mask_from_parents
+from spec_jax.trees import DraftTree, ancestor_mask, ancestor_mask_from_parents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +53,10 @@ class Lookahead(Drafter):
     # (level-major, W columns per level).
 
     @property
-    def template(self) -> TreeTemplate:
-        """The verifiable part: G chains of N-1 drafted tokens below the root."""
-        return TreeTemplate(tuple((g,) + (0,) * (d - 1) for g in range(self.candidates) for d in range(1, self.ngram)))
-
-    @property
-    def num_nodes(self) -> int:
-        return (self.candidates + self.window) * (self.ngram - 1)
-
-    @property
-    def max_depth(self) -> int:
-        return self.ngram - 1
+    def shape(self) -> DraftShape:
+        # Accepted nodes come from the verification trie only (depth <= N-1); the lookahead branch
+        # reaches deeper but is never accepted.
+        return DraftShape(nodes=(self.candidates + self.window) * (self.ngram - 1), depth=self.ngram - 1)
 
     def _lookahead_shape(self):
         """Parents (-1 = root, indices within the branch) and depths of the lookahead branch."""
@@ -76,7 +70,7 @@ class Lookahead(Drafter):
 
     # ------------------------------------------------------------------ state
 
-    def init(self, params, cfg: Config, batch: int, cache_size: int):
+    def init(self, weights, carry, cfg: Config, batch: int, cache_size: int):
         L = self.ngram - 1
         return {
             "window": jnp.zeros((batch, L, self.window), jnp.int32),  # [B, level, column]
@@ -85,31 +79,31 @@ class Lookahead(Drafter):
             "steps": jnp.int32(0),
         }
 
-    def prefill(self, params, state, ctx: PrefillContext):
-        B, T = ctx.prompts.shape
+    def prefill(self, weights, state, ctx: PrefillContext):
+        B, T = ctx.prompts_BxT.shape
         L, W = self.ngram - 1, self.window
-        # The paper starts the window from random prompt tokens.
-        idx = jax.random.randint(jax.random.key(0), (B, L * W), 0, ctx.prompt_lens[:, None])
-        window = jnp.take_along_axis(ctx.prompts, idx, axis=1).reshape(B, L, W)
+        # The paper starts the window from random prompt tokens (drawn from the run's seed).
+        idx_BxM = jax.random.randint(ctx.rng, (B, L * W), 0, ctx.prompt_lens_B[:, None])
+        window = jnp.take_along_axis(ctx.prompts_BxT, idx_BxM, axis=1).reshape(B, L, W)
         pool, count = state["pool"], state["count"]
         if self.seed_from_prompt and T > L:
-            padded = jnp.concatenate([ctx.prompts, jnp.zeros((B, L), jnp.int32)], axis=1)
+            padded_BxT = jnp.concatenate([ctx.prompts_BxT, jnp.zeros((B, L), jnp.int32)], axis=1)
 
             def body(i, pc):
-                gram = jax.lax.dynamic_slice_in_dim(padded, i, L + 1, axis=1)  # [B, N]
-                return insert(*pc, gram[:, 0], gram[:, 1:], i + L < ctx.prompt_lens)
+                gram_BxN = jax.lax.dynamic_slice_in_dim(padded_BxT, i, L + 1, axis=1)
+                return insert(*pc, gram_BxN[:, 0], gram_BxN[:, 1:], i + L < ctx.prompt_lens_B)
 
             pool, count = jax.lax.fori_loop(0, T - L, body, (pool, count))
         return {**state, "window": window, "pool": pool, "count": count}
 
     # ------------------------------------------------------------------ drafting
 
-    def propose(self, params, state, ctx: StepContext):
-        B = ctx.pending.shape[0]
+    def propose(self, weights, state, ctx: StepContext):
+        B = ctx.pending_B.shape[0]
         G, L, W = self.candidates, self.ngram - 1, self.window
         rows = jnp.arange(B)
-        cand = state["pool"][rows, ctx.pending]  # [B, G, L]
-        used = jnp.arange(G)[None] < state["count"][rows, ctx.pending][:, None]  # [B, G]
+        cand = state["pool"][rows, ctx.pending_B]  # [B, G, L]
+        used = jnp.arange(G)[None] < state["count"][rows, ctx.pending_B][:, None]  # [B, G]
         v_tokens, v_parents, v_valid = candidate_trie(cand, used)
         v_depth = jnp.broadcast_to(jnp.tile(jnp.arange(1, L + 1, dtype=jnp.int32), G), (B, G * L))
 
@@ -129,14 +123,14 @@ class Lookahead(Drafter):
 
     # ------------------------------------------------------------------ update
 
-    def observe(self, params, state, result: StepResult):
+    def observe(self, weights, state, result: StepResult):
         G, L, W = self.candidates, self.ngram - 1, self.window
         top_slots = 1 + G * L + (L - 1) * W + np.arange(W)  # the top lookahead level's slots
-        new = jnp.argmax(result.logits[:, top_slots], axis=-1).astype(jnp.int32)  # [B, W]
+        new = jnp.argmax(result.logits_BxTxV[:, top_slots], axis=-1).astype(jnp.int32)  # [B, W]
         window = state["window"]
         grams = jnp.concatenate([window, new[:, None]], axis=1)  # [B, N, W]: column j is an n-gram
         # Pool only n-grams whose continuation the target made (the window starts as prompt tokens).
-        ready = result.active & (state["steps"] >= L - 1)
+        ready = result.active_B & (state["steps"] >= L - 1)
         pool, count = state["pool"], state["count"]
         for j in range(W):
             pool, count = insert(pool, count, grams[:, 0, j], grams[:, 1:, j], ready)
@@ -176,3 +170,15 @@ def candidate_trie(cand_BxGxL: jax.Array, used_BxG: jax.Array):
     parents = jnp.where(d == 0, -1, jnp.roll(owner, 1, axis=2) * L + d - 1)  # owner at depth d-1
     return (cand_BxGxL.reshape(B, G * L).astype(jnp.int32), parents.reshape(B, G * L).astype(jnp.int32),
             valid.reshape(B, G * L))
+
+
+@register("lookahead", "Lookahead decoding: Jacobi iteration fills an n-gram pool; pooled n-grams are verified "
+          "in the same forward",
+          options=(Option("la_window", int, 4, "Jacobi window W (columns)"),
+                   Option("la_ngram", int, 4, "n-gram size N (the window keeps N-1 levels)"),
+                   Option("la_candidates", int, 4, "n-grams verified per step G"),
+                   Option("la_no_prompt_ngrams", bool, False, "start the n-gram pool empty (the paper) instead of "
+                          "seeding it with the prompt's")))
+def build(opts, target) -> Built:
+    return Built(Lookahead(window=opts.la_window, ngram=opts.la_ngram, candidates=opts.la_candidates,
+                           seed_from_prompt=not opts.la_no_prompt_ngrams))

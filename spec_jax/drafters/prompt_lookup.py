@@ -14,7 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from spec_jax.drafters.base import Drafter, StepContext
+from spec_jax.drafters.base import StepContext, TemplateDrafter
+from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.trees import TreeTemplate
 
@@ -41,7 +42,7 @@ def lookup(tokens_BxS: jax.Array, last_B: jax.Array, n: int, k: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookup(Drafter):
+class PromptLookup(TemplateDrafter):
     k: int = 5  # draft tokens
     max_ngram: int = 3
     min_ngram: int = 1
@@ -57,12 +58,20 @@ class PromptLookup(Drafter):
     def template(self) -> TreeTemplate:
         return TreeTemplate.chain(self.k)
 
-    def propose(self, params, state, ctx: StepContext):
-        draft, valid = lookup(ctx.tokens, ctx.lengths, self.max_ngram, self.k)
+    def propose(self, weights, state, ctx: StepContext):
+        draft_BxK, valid_BxK = lookup(ctx.tokens_BxS, ctx.committed_B, self.max_ngram, self.k)
         for n in range(self.max_ngram - 1, self.min_ngram - 1, -1):  # fall back to shorter n-grams
-            d, v = lookup(ctx.tokens, ctx.lengths, n, self.k)
-            use = ~valid[:, :1]
-            draft, valid = jnp.where(use, d, draft), jnp.where(use, v, valid)
+            d_BxK, v_BxK = lookup(ctx.tokens_BxS, ctx.committed_B, n, self.k)
+            use_Bx1 = ~valid_BxK[:, :1]
+            draft_BxK, valid_BxK = jnp.where(use_Bx1, d_BxK, draft_BxK), jnp.where(use_Bx1, v_BxK, valid_BxK)
         # A chain node is only useful if all nodes before it are.
-        valid = jnp.cumprod(valid, axis=1).astype(bool)
-        return self.template.build(draft, valid_BxN=valid), state, ctx.cache
+        valid_BxK = jnp.cumprod(valid_BxK, axis=1).astype(bool)
+        return self.template.build(draft_BxK, valid_BxN=valid_BxK), state, ctx.cache
+
+
+@register("pld", "prompt lookup: draft what followed the latest earlier occurrence of the last n tokens",
+          options=(Option("draft_k", int, 5, "maximum draft length"),
+                   Option("ngram_max", int, 3, "longest n-gram looked up"),
+                   Option("ngram_min", int, 1, "shortest n-gram looked up")))
+def build(opts, target) -> Built:
+    return Built(PromptLookup(k=opts.draft_k, max_ngram=opts.ngram_max, min_ngram=opts.ngram_min))

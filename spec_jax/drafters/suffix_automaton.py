@@ -32,8 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from spec_jax.drafters.base import Drafter, StepContext, load_int_array
-from spec_jax.drafters.token_recycling import TokenRecycling, distinct_siblings, fill_template
+from spec_jax.drafters.base import StepContext, TemplateDrafter, load_int_array
+from spec_jax.drafters.registry import Built, Option, register
+from spec_jax.drafters.token_recycling import (
+    TR_OPTIONS,
+    TokenRecycling,
+    distinct_siblings,
+    fill_template,
+    recycling_settings,
+)
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.trees import TreeTemplate
 
@@ -198,15 +205,16 @@ def load_corpus(path: str | Path, tokenizer=None) -> SuffixAutomaton:
 
 
 def _host_draft(host: SAMHost, ctx: StepContext, k: int, corpus_bias: int):
-    B = ctx.pending.shape[0]
+    """(draft [B, k], valid [B, k], match length [B]) from the host automata."""
+    B = ctx.pending_B.shape[0]
     shapes = (jax.ShapeDtypeStruct((B, k), jnp.int32), jax.ShapeDtypeStruct((B, k), jnp.bool_),
               jax.ShapeDtypeStruct((B,), jnp.int32))
-    return io_callback(lambda t, n: host.draft(t, n, k, corpus_bias), shapes, ctx.tokens, ctx.lengths,
+    return io_callback(lambda t, n: host.draft(t, n, k, corpus_bias), shapes, ctx.tokens_BxS, ctx.committed_B,
                        ordered=False)  # steps are ordered by their data dependence
 
 
 @dataclasses.dataclass(frozen=True)
-class SuffixAutomatonDrafter(Drafter):
+class SuffixAutomatonDrafter(TemplateDrafter):
     """`sam`: a chain of k tokens continuing the longest earlier match (in the text, or the corpus)."""
 
     k: int = 6
@@ -228,10 +236,10 @@ class SuffixAutomatonDrafter(Drafter):
     def host_seconds(self) -> float:
         return self.host_state.seconds
 
-    def propose(self, params, state, ctx: StepContext):
-        draft, valid, match = _host_draft(self.host_state, ctx, self.k, self.corpus_bias)
-        valid &= (match >= self.min_match)[:, None]
-        return self.template.build(draft, valid_BxN=valid), state, ctx.cache
+    def propose(self, weights, state, ctx: StepContext):
+        draft_BxK, valid_BxK, match_B = _host_draft(self.host_state, ctx, self.k, self.corpus_bias)
+        valid_BxK &= (match_B >= self.min_match)[:, None]
+        return self.template.build(draft_BxK, valid_BxN=valid_BxK), state, ctx.cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +268,36 @@ class SAMTokenRecycling(TokenRecycling):
     def host_seconds(self) -> float:
         return self.host_state.seconds
 
-    def propose(self, params, state, ctx: StepContext):
+    def propose(self, weights, state, ctx: StepContext):
         tmpl = self.template
-        draft, valid, match = _host_draft(self.host_state, ctx, self.sam_k, self.corpus_bias)
-        use = valid & (match >= self.min_match)[:, None]
-        tokens = fill_template(state["M"], ctx.pending, tmpl, draft, use)
-        return tmpl.build(tokens, valid_BxN=distinct_siblings(tokens, tmpl.parents)), state, ctx.cache
+        draft_BxK, valid_BxK, match_B = _host_draft(self.host_state, ctx, self.sam_k, self.corpus_bias)
+        use_BxK = valid_BxK & (match_B >= self.min_match)[:, None]
+        tokens_BxN = fill_template(state["M"], ctx.pending_B, tmpl, draft_BxK, use_BxK)
+        return tmpl.build(tokens_BxN, valid_BxN=distinct_siblings(tokens_BxN, tmpl.parents)), state, ctx.cache
+
+
+SAM_CORPUS = Option("sam_corpus", str, None, "static corpus to retrieve from too: token ids (.npy) or text (.txt)")
+
+
+def _host(opts, target) -> SAMHost:
+    return SAMHost(load_corpus(opts.sam_corpus, target.tokenizer) if opts.sam_corpus else None)
+
+
+@register("sam", "SAM decoding: a suffix automaton (host) over the prompt, the output and an optional corpus "
+          "drafts the continuation of the longest earlier match",
+          options=(Option("draft_k", int, 6, "maximum draft length"),
+                   Option("sam_min_match", int, 1, "shortest match that drafts"), SAM_CORPUS))
+def build_sam(opts, target) -> Built:
+    return Built(SuffixAutomatonDrafter(k=opts.draft_k, min_match=opts.sam_min_match, host_state=_host(opts, target)))
+
+
+@register("sam_tr", "SAM decoding on Token Recycling's tree: long matches on its top path, recycled "
+          "successors elsewhere",
+          options=(Option("draft_k", int, 8, "depth of the retrieval path"),
+                   Option("sam_min_match", int, 4, "shortest match that drafts (below it: Token Recycling alone)"),
+                   SAM_CORPUS, *TR_OPTIONS))
+def build_sam_tr(opts, target) -> Built:
+    levels, matrix, save = recycling_settings(opts)
+    drafter = SAMTokenRecycling(k=opts.tr_k, levels=levels, sam_k=opts.draft_k, min_match=opts.sam_min_match,
+                                host_state=_host(opts, target))
+    return Built(drafter, carry=matrix, save=save)

@@ -5,9 +5,9 @@ them are thrown away. Token Recycling keeps them in an adjacency matrix M[V, k]:
 top-k successors of t from the most recent forward that saw t. Drafting fills a static
 breadth-first tree template by level-wise gathers (a node of rank r under a node holding token t
 gets M[t, r]), and after each verification the rows of every fed token are overwritten with the
-top-k of the target's logits there. M starts at zero and is kept across requests (hot start):
-`next_params` hands the updated matrix to the caller, who passes it back as the drafter's params,
-and `save_matrix` / `load_matrix` keep it in a file.
+top-k of the target's logits there. M starts at zero and is kept across requests (hot start): it is
+the drafter's `carry`, handed back by `carry_out` after a run and passed to the next one, and
+`save_matrix` / `load_matrix` keep it in a file (`--tr-matrix`).
 
 Drafts are deterministic (verified greedily or with the point-mass rule); siblings holding the same
 token are marked invalid.
@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.drafters.base import Drafter, StepContext, StepResult, load_int_array
-from spec_jax.errors import InvalidArgumentError
+from spec_jax.drafters.base import StepContext, StepResult, TemplateDrafter, load_int_array
+from spec_jax.drafters.registry import Built, Option, register
+from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.files import atomic_write
 from spec_jax.models import Config
 from spec_jax.trees import TreeTemplate, ancestor_mask
 
@@ -33,11 +35,12 @@ DEFAULT_LEVELS = (8, 21, 25, 15, 8, 3)
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenRecycling(Drafter):
+class TokenRecycling(TemplateDrafter):
     k: int = 8  # successors kept per token (columns of M)
     levels: tuple[int, ...] = DEFAULT_LEVELS  # nodes per tree level
     paths: tuple[tuple[int, ...], ...] | None = None  # an explicit template (e.g. pruned by --budget auto)
     name = "token_recycling"
+    prunable = True
 
     def __post_init__(self):
         if self.k < 1 or not self.levels or min(self.levels) < 1:
@@ -55,33 +58,40 @@ class TokenRecycling(Drafter):
             raise InvalidArgumentError(f"template uses rank {max(template.ranks)} but the matrix keeps k={self.k}")
         return dataclasses.replace(self, paths=template.paths)
 
-    def check(self, cfg: Config, params) -> None:
-        if params is not None and tuple(params.shape) != (cfg.vocab_size, self.k):
+    def check(self, cfg: Config, weights, carry) -> None:
+        if carry is None:
+            return
+        if tuple(carry.shape) != (cfg.vocab_size, self.k):
             raise InvalidArgumentError(
-                f"token recycling matrix has shape {tuple(params.shape)}, expected ({cfg.vocab_size}, {self.k}) "
+                f"token recycling matrix has shape {tuple(carry.shape)}, expected ({cfg.vocab_size}, {self.k}) "
                 "for this model and k; delete the matrix file or pass the matching --tr-k")
+        if isinstance(carry, np.ndarray) and carry.size and (carry.min() < 0 or carry.max() >= cfg.vocab_size):
+            bad = int(carry.min() if carry.min() < 0 else carry.max())
+            raise DataFormatError(f"token recycling matrix holds token id {bad}, outside this model's vocabulary "
+                                  f"[0, {cfg.vocab_size}); delete the matrix file to start from zeros")
 
-    def init(self, params, cfg: Config, batch: int, cache_size: int):
-        m = jnp.zeros((cfg.vocab_size, self.k), jnp.int32) if params is None else jnp.asarray(params, jnp.int32)
-        return {"M": m}
+    def init(self, weights, carry, cfg: Config, batch: int, cache_size: int):
+        M = jnp.zeros((cfg.vocab_size, self.k), jnp.int32) if carry is None else jnp.asarray(carry, jnp.int32)
+        return {"M": M}
 
-    def next_params(self, params, state):
-        """The matrix after a run: pass it as params to the next run (hot start)."""
+    def carry_out(self, state):
+        """The matrix after a run: the next run's carry (hot start)."""
         return state["M"]
 
     # ------------------------------------------------------------------ drafting
 
-    def propose(self, params, state, ctx: StepContext):
-        tokens = fill_template(state["M"], ctx.pending, self.template)
-        return self.template.build(tokens, valid_BxN=distinct_siblings(tokens, self.template.parents)), state, ctx.cache
+    def propose(self, weights, state, ctx: StepContext):
+        tmpl = self.template
+        tokens_BxN = fill_template(state["M"], ctx.pending_B, tmpl)
+        return tmpl.build(tokens_BxN, valid_BxN=distinct_siblings(tokens_BxN, tmpl.parents)), state, ctx.cache
 
     # ------------------------------------------------------------------ update
 
-    def observe(self, params, state, result: StepResult):
-        fed_valid = jnp.concatenate([jnp.ones_like(result.tree.valid[:, :1]), result.tree.valid], axis=1)
-        fed_valid &= result.active[:, None]
-        top = jax.lax.top_k(result.logits, self.k)[1].astype(jnp.int32)  # [B, 1+N, k]
-        return {**state, "M": update_matrix(state["M"], result.inputs, top, fed_valid)}
+    def observe(self, weights, state, result: StepResult):
+        fed_valid_BxT = jnp.concatenate([jnp.ones_like(result.tree.valid[:, :1]), result.tree.valid], axis=1)
+        fed_valid_BxT &= result.active_B[:, None]
+        top_BxTxK = jax.lax.top_k(result.logits_BxTxV, self.k)[1].astype(jnp.int32)
+        return {**state, "M": update_matrix(state["M"], result.inputs_BxT, top_BxTxK, fed_valid_BxT)}
 
 
 def fill_template(M_VxK: jax.Array, root_B: jax.Array, tmpl: TreeTemplate, chain_BxD: jax.Array | None = None,
@@ -127,20 +137,42 @@ def update_matrix(M_VxK: jax.Array, fed_BxT: jax.Array, top_BxTxK: jax.Array, va
     F = tok.shape[0]
     later = jnp.arange(F)[None, :] > jnp.arange(F)[:, None]
     superseded = jnp.any((tok[:, None] == tok[None, :]) & ok[None, :] & later, axis=1)
-    row = jnp.where(ok & ~superseded, tok, V)  # row V: a scratch row, dropped below
-    padded = jnp.concatenate([M_VxK, jnp.zeros((1, M_VxK.shape[1]), M_VxK.dtype)], axis=0)
-    return padded.at[row].set(top, unique_indices=False)[:V]
+    row = jnp.where(ok & ~superseded, tok, V)  # row V is out of range: the write is dropped
+    return M_VxK.at[row].set(top, mode="drop")  # in place: the matrix is not copied
 
 
 def save_matrix(M, path: str | os.PathLike) -> Path:
     """Write the matrix as .npy (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.asarray(M, np.int32))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: np.save(tmp, np.asarray(M, np.int32)))
 
 
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
     return load_int_array(path, 2, "token recycling matrix [vocab, k]", "; delete it to start from zeros")
+
+
+# ----------------------------------------------------------------------------- registry
+
+TR_OPTIONS = (
+    Option("tr_k", int, 8, "successors kept per token (columns of the matrix)"),
+    Option("tr_levels", str, ",".join(map(str, DEFAULT_LEVELS)), "tree nodes per level (comma-separated)"),
+    Option("tr_matrix", str, None, "adjacency-matrix file (.npy): loaded if it exists, saved after the run"),
+)
+
+
+def recycling_settings(opts) -> tuple[tuple[int, ...], np.ndarray | None, object]:
+    """(tree levels, the matrix from --tr-matrix if the file exists, the save hook) for token_recycling
+    and sam_tr."""
+    try:
+        levels = tuple(int(x) for x in str(opts.tr_levels).split(",") if x.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"--tr-levels takes comma-separated integers, got {opts.tr_levels!r}") from None
+    path = opts.tr_matrix
+    matrix = load_matrix(path) if path and Path(path).exists() else None
+    return levels, matrix, (lambda M: save_matrix(M, path)) if path else None
+
+
+@register("token_recycling", "Token Recycling: a static tree filled from an adjacency matrix of the "
+          "target's recent top-k successors (hot start across requests)", options=TR_OPTIONS)
+def build(opts, target) -> Built:
+    levels, matrix, save = recycling_settings(opts)
+    return Built(TokenRecycling(k=opts.tr_k, levels=levels), carry=matrix, save=save)

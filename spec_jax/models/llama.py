@@ -390,6 +390,7 @@ class Output(NamedTuple):
     logits: Array | None  # [B, T, V] (or [B, K, V] for `logits_at`) in float32
     hidden: dict[int, Array]  # residual stream after i layers, for i in return_hidden
     cache: KVCache
+    final_hidden: Array  # [B, T, E] residual stream after the last layer run, before the final norm
 
 
 class Transformer(nn.Module):
@@ -408,10 +409,15 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, tree_mask=None, layers=None,
                  return_hidden=(), logits_at=None, compute_logits=True, layer_gates=None):
+        return self.from_embeddings(self.embed_tokens(tokens_BxT), positions_BxT, cache, tree_mask, layers,
+                                    return_hidden, logits_at, compute_logits, layer_gates)
+
+    def from_embeddings(self, x_BxTxE, positions_BxT, cache: KVCache, tree_mask=None, layers=None,
+                        return_hidden=(), logits_at=None, compute_logits=True, layer_gates=None):
         cfg = self.cfg
         layers = range(cfg.num_layers) if layers is None else layers
-        x = self.embed_tokens(tokens_BxT)
-        T = tokens_BxT.shape[1]
+        x = x_BxTxE
+        T = x_BxTxE.shape[1]
         mask = attention_mask(cache.lengths, cache.size, tree_mask, T)
         write_at = cache.lengths if tree_mask is None else cache.lengths + (tree_mask.shape[2] - T)
         k, v = list(cache.k), list(cache.v)
@@ -428,10 +434,15 @@ class Transformer(nn.Module):
                 hidden[i + 1] = x
         new_cache = KVCache(k=tuple(k), v=tuple(v), lengths=cache.lengths)
         if not compute_logits:
-            return Output(None, hidden, new_cache)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-        return Output(self.logits(self.norm(x)), hidden, new_cache)
+            return Output(None, hidden, new_cache, x)
+        h = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+        return Output(self.logits(self.norm(h)), hidden, new_cache, x)
+
+    def embed(self, tokens_BxT):
+        return self.embed_tokens(tokens_BxT)
+
+    def final_norm(self, h_BxTxE):
+        return self.norm(h_BxTxE)
 
     def logits(self, h_BxTxE):
         """Final-norm'd hidden states -> float32 logits through the (possibly tied) head."""
@@ -466,14 +477,43 @@ def forward(params, cfg: Config, tokens_BxT: Array, positions_BxT: Array, cache:
                                   compute_logits, layer_gates)
 
 
+def forward_embeddings(params, cfg: Config, x_BxTxE: Array, positions_BxT: Array, cache: KVCache,
+                       tree_mask_BxTxT: Array | None = None, layers: tuple[int, ...] | None = None,
+                       return_hidden: tuple[int, ...] = (), logits_at: Array | None = None,
+                       compute_logits: bool = True) -> Output:
+    """`forward` from input embeddings instead of token ids (an EAGLE-style drafter feeds features)."""
+    return Transformer(cfg).apply({"params": params}, x_BxTxE, positions_BxT, cache, tree_mask_BxTxT, layers,
+                                  tuple(return_hidden), logits_at, compute_logits,
+                                  method=Transformer.from_embeddings)
+
+
+def embed(params, cfg: Config, tokens_BxT: Array) -> Array:
+    """Input embeddings [B, T, E] of token ids."""
+    return Transformer(cfg).apply({"params": params}, tokens_BxT, method=Transformer.embed)
+
+
+def final_norm(params, cfg: Config, hidden_BxTxE: Array) -> Array:
+    """The final RMSNorm applied to residual-stream hidden states."""
+    return Transformer(cfg).apply({"params": params}, hidden_BxTxE, method=Transformer.final_norm)
+
+
+def lm_head(params, cfg: Config, normed_BxTxE: Array) -> Array:
+    """Float32 logits from final-normed hidden states through the (possibly tied) LM head."""
+    return Transformer(cfg).apply({"params": params}, normed_BxTxE, method=Transformer.logits)
+
+
 def head(params, cfg: Config, hidden_BxTxE: Array) -> Array:
     """Logits from residual-stream hidden states (final norm + LM head)."""
     return Transformer(cfg).apply({"params": params}, hidden_BxTxE, method=Transformer.head)
 
 
-def init_params(cfg: Config, rng: Array):
-    """Random parameters (tiny test models, fresh draft models)."""
-    return nn.unbox(_init_boxed(cfg, rng))
+def init_params(cfg: Config, rng: Array, mesh=None):
+    """Random parameters (tiny test models, fresh draft models), born sharded on `mesh` when given:
+    the shapes are traced abstractly and the initialiser runs under jit with the parameters' shardings
+    as its out_shardings, so the whole tree never exists on one device."""
+    if mesh is None:
+        return nn.unbox(_init_boxed(cfg, rng))
+    return jax.jit(lambda r: nn.unbox(_init_boxed(cfg, r)), out_shardings=param_shardings(cfg, mesh))(rng)
 
 
 def _init_boxed(cfg: Config, rng: Array):
@@ -503,17 +543,21 @@ def truncate(params, cfg: Config, num_layers: int):
     return keep, cfg.replace(num_layers=num_layers)
 
 
-def shard_params(params, cfg: Config, mesh):
-    """Place params on `mesh` following their logical axes (see `spec_jax.sharding.RULES`)."""
+def param_shardings(cfg: Config, mesh):
+    """NamedShardings of every parameter on `mesh`, from their logical axes (`spec_jax.sharding.RULES`)."""
     from spec_jax.sharding import tree_shardings
 
-    return jax.device_put(params, tree_shardings(param_logical_axes(cfg), params, mesh))
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return tree_shardings(param_logical_axes(cfg), abstract, mesh)
 
 
-def shard_cache(cache: KVCache, mesh) -> KVCache:
-    """Batch over `data`, KV heads over `model` (replicated where the mesh does not divide them)."""
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def cache_shardings(cache: KVCache, mesh) -> KVCache:
+    """A KVCache of NamedShardings: batch over `data`, KV heads over `model` (replicated where not divisible)."""
     from spec_jax.sharding import logical_sharding
 
-    kv = lambda x: jax.device_put(x, logical_sharding(("batch", "seq", "kv_heads", "head_dim"), x.shape, mesh))
+    kv = lambda x: logical_sharding(CACHE_AXES, x.shape, mesh)
     return KVCache(k=tuple(map(kv, cache.k)), v=tuple(map(kv, cache.v)),
-                   lengths=jax.device_put(cache.lengths, logical_sharding(("batch",), cache.lengths.shape, mesh)))
+                   lengths=logical_sharding(("batch",), cache.lengths.shape, mesh))

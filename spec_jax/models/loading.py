@@ -1,18 +1,23 @@
 """Load Llama-family checkpoints (HF safetensors directories, GGUF files) and export back to HF.
 
 Both loaders produce the same parameter tree as `llama.init_params` (HF module names; projections
-as `kernel[in, out]`, the transpose of a checkpoint's `weight[out, in]`) and check every tensor's
-presence and shape against it, so a bad checkpoint fails here with the
-tensor's name rather than deep inside XLA.
+as `kernel[in, out]`, the transpose of a checkpoint's `weight[out, in]`). Every tensor's presence and
+shape is checked against it from the file headers before any data is read, so a bad checkpoint fails
+here with the tensor's name rather than deep inside XLA. Each parameter is then built shard by shard
+(`jax.make_array_from_callback` with `llama.param_shardings`): a process reads only the slices its own
+devices hold (safetensors slices; GGUF rows of the memory-mapped tensor, dequantised), so a checkpoint
+never exists whole on one host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
-from spec_jax.models.llama import Config, init_params, unsupported_architecture
+from spec_jax.models.llama import Config, init_params, param_shardings, unsupported_architecture
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -92,39 +97,75 @@ def _gguf_to_hf(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- assembling
 
-def _assemble(cfg: Config, tensors: dict[str, np.ndarray | jax.Array], source: str):
-    """Place HF-named tensors into our parameter tree, checking names and shapes."""
-    expected = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    flat_expected = {path: leaf for path, leaf in _flatten(expected)}
-    params: dict = {}
-    for name, value in tensors.items():
+_Read = Callable[[str, tuple[slice, ...]], np.ndarray]  # (tensor name, slices in its own orientation) -> block
+
+
+def _abstract_params(cfg: Config):
+    """The parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def _match(cfg: Config, shapes: dict[str, tuple[int, ...]], source: str) -> dict[tuple[str, ...], str]:
+    """Parameter path -> HF tensor name, checking every name and (header) shape against the config."""
+    expected = dict(_flatten(_abstract_params(cfg)))
+    names = {}
+    for name, shape in shapes.items():
         path = _hf_to_path(name)
         if path is None:
             continue
-        if path not in flat_expected:
+        if path not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some exports store the tied head too
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} model")
-        want = flat_expected[path].shape
+        want = expected[path].shape
         if _is_kernel(path):
             want = want[::-1]  # compare in the checkpoint's orientation
-        if tuple(value.shape) != tuple(want):
+        if tuple(shape) != tuple(want):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(want)}; "
+                f"{source}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(want)}; "
                 "the checkpoint does not match its config"
             )
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        value = np.asarray(value).T if _is_kernel(path) else value
-        node[path[-1]] = jnp.asarray(value, dtype=cfg.jnp_dtype)
-    missing = [_path_to_hf(p) for p in flat_expected if not _has(params, p)]
+        names[path] = name
+    missing = [_path_to_hf(p) for p in expected if p not in names]
     if missing:
         raise CheckpointError(
             f"{source}: missing {len(missing)} tensor(s), e.g. {missing[:3]}; the checkpoint is "
             "incomplete (re-download or re-export it)"
         )
-    return params
+    return names
+
+
+def _build(cfg: Config, names: dict[tuple[str, ...], str], read: _Read, mesh) -> dict:
+    """The parameter tree, every leaf made shard by shard on `mesh` (None: the first local device)."""
+    abstract = _abstract_params(cfg)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract)
+    else:
+        shardings = param_shardings(cfg, mesh)
+
+    def leaf(keys, value, sharding):
+        path = tuple(k.key for k in keys)
+        name = names[path]
+        return _sharded_param(value.shape, sharding, cfg.jnp_dtype, _is_kernel(path), lambda ix: read(name, ix))
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
+
+
+def _sharded_param(shape, sharding, dtype, kernel: bool, read) -> jax.Array:
+    """One parameter from its shards, each distinct one read once as slices in the checkpoint's orientation."""
+    blocks = {}
+
+    def shard(index):
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        if bounds not in blocks:
+            # A kernel's (in, out) shard is the transpose of the checkpoint weight's (out, in) block.
+            slices = tuple(slice(lo, hi) for lo, hi in (bounds[::-1] if kernel else bounds))
+            block = read(slices)
+            blocks[bounds] = np.ascontiguousarray(block.T if kernel else block, dtype=dtype)
+        return blocks[bounds]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
 
 
 def _flatten(tree, prefix=()):
@@ -133,14 +174,6 @@ def _flatten(tree, prefix=()):
             yield from _flatten(value, prefix + (key,))
         else:
             yield prefix + (key,), value
-
-
-def _has(tree, path):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
 
 
 # ----------------------------------------------------------------------------- HF directories
@@ -157,12 +190,8 @@ def load_hf_config(path: str | os.PathLike) -> Config:
     return Config.from_hf(hf)
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[dict, Config]:
-    """Load an HF checkpoint directory (`config.json` + one or many `*.safetensors`)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    cfg = load_hf_config(path).replace(dtype=dtype)
+def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of an HF directory: those its index lists, else every `*.safetensors`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -176,19 +205,42 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[dict, Conf
             f"{path}: no *.safetensors weights found (pytorch .bin checkpoints are not supported; "
             "re-save with `model.save_pretrained(dir, safe_serialization=True)`)"
         )
-    tensors = {}
     for name in files:
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: listed in the index but missing")
-        try:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated "
-                                  "or corrupt, re-download or re-export it") from e
-    return _assemble(cfg, tensors, str(path)), cfg
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: listed in the index but missing")
+    return [path / name for name in files]
+
+
+def _unreadable(file: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated "
+                           "or corrupt, re-download or re-export it")
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None) -> tuple[dict, Config]:
+    """Load an HF checkpoint directory (`config.json` + one or many `*.safetensors`) into its shards on `mesh`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg = load_hf_config(path).replace(dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        opened = {}  # tensor name -> (open file, its path)
+        for file in _safetensors_files(path):
+            try:
+                f = stack.enter_context(safe_open(file, framework="numpy"))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise _unreadable(file, e) from e
+            opened.update(dict.fromkeys(f.keys(), (f, file)))
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name, (f, _) in opened.items()}
+        names = _match(cfg, shapes, str(path))
+
+        def read(name, slices):
+            f, file = opened[name]
+            try:
+                return f.get_slice(name)[slices]
+            except (SafetensorError, OSError, ValueError) as e:
+                raise _unreadable(file, e) from e
+
+        return _build(cfg, names, read, mesh), cfg
 
 
 def export_hf(params, cfg: Config, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -294,31 +346,64 @@ def _unpermute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(w_OxI.shape)
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[dict, Config]:
-    """Load a GGUF file, dequantising every tensor with the `gguf` package."""
+def _gguf_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape in the checkpoint's orientation ([out, in]; a bias stored as [1, n] -> [n])."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return shape[1:] if t.name.endswith("bias") and len(shape) == 2 and shape[0] == 1 else shape
+
+
+def _gguf_rows(t, lo: int, hi: int, cols: slice | None) -> np.ndarray:
+    """Rows [lo, hi) (and `cols` of a matrix) of a GGUF tensor, dequantising only the blocks they cover."""
     import gguf
 
+    if cols is None:  # norms and biases: one short row, dequantised whole
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)[lo:hi]
+    # Quantised data is [rows, bytes] in blocks of `size` values stored in `nbytes` bytes along `in`.
+    size, nbytes = gguf.GGML_QUANT_SIZES[t.tensor_type] if t.data.dtype == np.uint8 else (1, 1)
+    b0, b1 = cols.start // size, -(-cols.stop // size)
+    w = gguf.quants.dequantize(t.data[lo:hi, b0 * nbytes:b1 * nbytes], t.tensor_type)
+    return w[:, cols.start - b0 * size:cols.stop - b0 * size]
+
+
+def _gguf_read(t, rows_total: int, n_heads: int | None, slices: tuple[slice, ...]) -> np.ndarray:
+    """A block of a GGUF tensor; q/k rows, permuted by llama.cpp within each head, are read as whole heads."""
+    rows, cols = slices[0], (slices[1] if len(slices) > 1 else None)
+    if n_heads is None:
+        return _gguf_rows(t, rows.start, rows.stop, cols)
+    per_head = rows_total // n_heads
+    h0, h1 = rows.start // per_head, -(-rows.stop // per_head)
+    w = _unpermute_rotary(_gguf_rows(t, h0 * per_head, h1 * per_head, cols), h1 - h0)  # mixes rows of a head
+    return w[rows.start - h0 * per_head:rows.stop - h0 * per_head]
+
+
+def _rotary_heads(cfg: Config, gguf_name: str) -> int | None:
+    """Heads whose rows llama.cpp permuted in this tensor (llama q/k weights and biases), else None."""
+    if cfg.family != "llama":
+        return None
+    if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return cfg.num_heads
+    if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return cfg.num_kv_heads
+    return None
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh=None) -> tuple[dict, Config]:
+    """Load a GGUF file into its shards on `mesh`, dequantising only the rows each shard needs."""
     path = Path(path)
     reader = _gguf_reader(path)
     cfg = gguf_config(reader, path, dtype)
-    tensors = {}
-    for t in reader.tensors:
-        name = _gguf_to_hf(t.name)
-        if name is None:
-            continue
+    tensors = {name: t for t in reader.tensors if (name := _gguf_to_hf(t.name)) is not None}
+    shapes = {name: _gguf_shape(t) for name, t in tensors.items()}
+    names = _match(cfg, shapes, str(path))
+
+    def read(name, slices):
+        t = tensors[name]
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            return _gguf_read(t, shapes[name][0], _rotary_heads(cfg, t.name), slices)
         except NotImplementedError as e:
             raise CheckpointError(f"{path}: tensor {t.name} uses quantisation "
                                   f"{t.tensor_type.name}, which gguf cannot dequantise") from e
         except (ValueError, IndexError) as e:
             raise CheckpointError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from e
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
-        if cfg.family == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute_rotary(w, cfg.num_heads)
-        elif cfg.family == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute_rotary(w, cfg.num_kv_heads)
-        if w.ndim == 2 and w.shape[0] == 1 and name.endswith("bias"):
-            w = w[0]
-        tensors[name] = w
-    return _assemble(cfg, tensors, str(path)), cfg
+
+    return _build(cfg, names, read, mesh), cfg

@@ -62,10 +62,10 @@ def resolve(model: str | os.PathLike) -> Path:
     )
 
 
-def load_model(model: str | os.PathLike, dtype: str = "float32") -> tuple[dict, Config]:
-    """Load params and Config for a named model, an HF directory or a GGUF file."""
+def load_model(model: str | os.PathLike, dtype: str = "float32", mesh=None) -> tuple[dict, Config]:
+    """Params (read into their shards on `mesh`, else onto one device) and Config of a model name, HF dir or GGUF."""
     path = resolve(model)
-    return load_gguf(path, dtype) if path.suffix == ".gguf" else load_hf(path, dtype)
+    return load_gguf(path, dtype, mesh) if path.suffix == ".gguf" else load_hf(path, dtype, mesh)
 
 
 def _tokenizer_cache_dir(gguf_path: Path) -> Path:

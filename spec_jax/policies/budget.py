@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.errors import InvalidArgumentError
+from spec_jax.files import atomic_write_text, cache_root
 from spec_jax.models import Config, forward, init_cache
 from spec_jax.trees import TreeTemplate, ancestor_mask
 
 
 def _cache_file(cfg: Config, params) -> Path:
-    root = Path(os.environ.get("SPEC_JAX_CACHE", Path.home() / ".cache" / "spec_jax"))
+    root = cache_root()
     dev = jax.devices()[0]
     shapes = str(sorted((jax.tree_util.keystr(k), v.shape, str(v.dtype))
                         for k, v in jax.tree_util.tree_leaves_with_path(params)))
@@ -68,10 +68,7 @@ def measure_forward_cost(params, cfg: Config, sizes=(1, 2, 4, 8, 16, 24, 32, 48,
     # cheapest measurement at or above each size (removes timing noise that would favour odd sizes).
     out = {t: min(v for u, v in out.items() if u >= t) for t in out}
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"device": str(jax.devices()[0]), "cost": out}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"device": str(jax.devices()[0]), "cost": out}, indent=1))
     return out
 
 

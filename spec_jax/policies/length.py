@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from spec_jax.errors import InvalidArgumentError
+from spec_jax.sampling import entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,7 @@ class EntropyStop(LengthPolicy):
     threshold: float = 0.6
 
     def stop(self, q_BxV):
-        h = -jnp.sum(jnp.where(q_BxV > 0, q_BxV * jnp.log(jnp.maximum(q_BxV, 1e-38)), 0.0), axis=-1)
-        return jnp.sqrt(h) > self.threshold
+        return jnp.sqrt(entropy(q_BxV)) > self.threshold
 
 
 POLICIES = {"fixed": FixedLength, "heuristic": Heuristic, "svip": EntropyStop}

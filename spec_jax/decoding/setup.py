@@ -1,0 +1,125 @@
+"""From command-line options to a ready decoding run: the flags every method declares, the mesh, the engine.
+
+Shared by `spec-jax generate`, `spec-jax bench` and its workers (it sits below both). The method
+flags are generated from the method registry (`drafters.registry`): one flag per option name, whose
+default is "the method's own", so a new method file brings its flags with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+import jax
+
+from spec_jax.decoding.budget import apply_budget, parse_budget
+from spec_jax.decoding.engine import Engine
+from spec_jax.decoding.verify import VERIFY_MODES
+from spec_jax.drafters import registry
+from spec_jax.files import cache_root
+from spec_jax.sampling import Sampling
+from spec_jax.sharding import parse_mesh
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs so the second run starts in seconds."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="short name (smollm2-135m), Hugging Face directory or .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype (float32 is fastest on CPU; bfloat16 for GPU/TPU)")
+    m = p.add_argument_group("devices")
+    m.add_argument("--mesh", default=None,
+                   help="lay the run out over devices: 'data=D,model=M' (batch over D, heads/MLP/vocab over M) "
+                        "or 'auto' (every device on model); default: one device")
+    m.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (auto-detected on Cloud TPU; "
+                        "elsewhere give --coordinator, --num-processes and --process-id)")
+    m.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    m.add_argument("--num-processes", type=int, help="processes in the job (with --distributed)")
+    m.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
+
+
+def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> None:
+    """`--method` (optional) and every registered method's options, `--budget` and `--verify`."""
+    table = registry.methods()
+    if method_flag:
+        p.add_argument("--method", default="ar", choices=list(table),
+                       help="decoding method (`spec-jax methods` describes each)")
+    g = p.add_argument_group("method options (each applies to the methods named in its help)")
+    for opt, users in registry.all_options().values():
+        defaults = sorted({str(o.default) for u in users for o in table[u].options if o.name == opt.name})
+        shown = f"default {defaults[0]}" if len(defaults) == 1 else "default: " + "; ".join(
+            f"{u} {o.default}" for u in users for o in table[u].options if o.name == opt.name)
+        text = f"{opt.help} [{', '.join(users)}; {shown}]"
+        if opt.type is bool:
+            g.add_argument(opt.flag, dest=opt.name, action="store_true", default=None, help=text)
+        else:
+            g.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, choices=opt.choices, help=text)
+    g.add_argument("--budget", default=None,
+                   help="tree size of token_recycling / sam_tr: a node count, or 'auto' to measure this device's "
+                        "verification cost and the drafter's acceptance on calibration prompts")
+    g.add_argument("--verify", default="lossless", choices=VERIFY_MODES,
+                   help="'lossless' (default) or 'typical': Medusa-2's typical acceptance, LOSSY (the output is "
+                        "no longer the target's distribution)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def method_values(args) -> dict:
+    """Option values by name from parsed flags (None: the method's own default)."""
+    return {name: getattr(args, name, None) for name in registry.all_options()}
+
+
+def init_devices(args):
+    """Start the multi-host runtime if asked, then the mesh of `--mesh` (None: one device)."""
+    if getattr(args, "distributed", False):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
+        kw = {k: v for k, v in (("coordinator_address", args.coordinator), ("num_processes", args.num_processes),
+                                ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**kw)
+    return parse_mesh(getattr(args, "mesh", None))
+
+
+def check_method_args(name: str, args) -> None:
+    """Validate the method's options and the budget before anything is loaded."""
+    registry.options_for(name, method_values(args))
+    parse_budget(getattr(args, "budget", None))
+
+
+@dataclasses.dataclass
+class Prepared:
+    engine: Engine
+    built: registry.Built
+    carry: Any  # the carry after any calibration
+    budget: dict | None  # what `--budget` chose, if given
+
+
+def prepare(name: str, args, target: registry.Target, sampling: Sampling | None = None) -> Prepared:
+    """Build method `name` from the flags, wrap it in an engine on the target's mesh, size its tree."""
+    from spec_jax.text import calibration_prompts
+
+    built = registry.build(name, method_values(args), target)
+    engine = Engine(target.cfg, built.drafter, sampling or Sampling(), getattr(args, "verify", "lossless"),
+                    target.mesh)
+    if engine.verify_mode != "lossless":
+        print(f"spec-jax: warning: --verify {engine.verify_mode} is LOSSY: the output is not the target "
+              "model's greedy text or distribution", file=sys.stderr)
+    budget = getattr(args, "budget", None)
+    calib = calibration_prompts(target.tokenizer, 3) if parse_budget(budget) == "auto" else None
+    engine, carry, report = apply_budget(engine, budget, target.params, weights=built.weights, carry=built.carry,
+                                         calibration=calib)
+    return Prepared(engine, built, carry, report)

@@ -1,0 +1,168 @@
+"""The method registry: every decoding method declares itself here, and everything above finds it here.
+
+A method is one file under `spec_jax/drafters/` that calls `register` with its name, a one-line
+description, its options (`Option`: name, type, default, help) and a builder. `spec-jax generate`,
+`spec-jax bench`, YAML configs and `spec-jax methods` all read this table; adding a method touches
+nothing else. Methods outside the package plug in the same way: a module that calls `register` and is
+imported before the lookup (a test file, or a module named in `$SPEC_JAX_METHODS`, or an installed
+package's `spec_jax.methods` entry point).
+
+    @register("pld", "prompt lookup: copy what followed the last n-gram's earlier occurrence",
+              options=(Option("draft_k", int, 5, "tokens drafted per step"),))
+    def build(opts, target):  # opts: the method's option values; target: model, config, tokenizer
+        return Built(PromptLookup(k=opts.draft_k))
+
+Several methods may declare the same option (`draft_k`) with their own defaults; the command line has
+one flag for it whose default is "the method's own".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable
+from importlib import metadata
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+from spec_jax.errors import InvalidArgumentError
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting of a method: `--name-with-dashes` on the command line, `name` in configs and code."""
+
+    name: str
+    type: type = int
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, value, method: str):
+        """`value` converted to this option's type, or a clear error naming the flag."""
+        if value is None:
+            return None
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                out = bool(value)
+            else:
+                out = self.type(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{self.flag} (method {method}) takes a {self.type.__name__}, "
+                                       f"got {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise InvalidArgumentError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {out!r}")
+        return out
+
+
+class Target(NamedTuple):
+    """What a method's builder may use: the loaded target model, its tokenizer, and where it lives."""
+
+    params: Any
+    cfg: Any  # models.Config
+    tokenizer: Any = None
+    dtype: str = "float32"
+    mesh: Any = None  # jax.sharding.Mesh, or None for one device
+
+
+@dataclasses.dataclass
+class Built:
+    """A built method: the drafter, its trained weights, the state it carries across requests, and how
+    to save that state after a run (e.g. Token Recycling's matrix to `--tr-matrix`)."""
+
+    drafter: Any
+    weights: Any = None
+    carry: Any = None
+    save: Callable[[Any], object] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    options: tuple[Option, ...]
+    build: Callable[[SimpleNamespace, Target], Built]
+    module: str  # imported by benchmark workers before the lookup (methods defined outside the package)
+
+
+_METHODS: dict[str, Method] = {}
+_discovered = False
+
+
+def register(name: str, description: str, options: tuple[Option, ...] = ()):
+    """Decorator: register `build(opts, target) -> Built` as method `name`."""
+    def deco(build):
+        _METHODS[name] = Method(name, description, tuple(options), build, build.__module__)
+        return build
+    return deco
+
+
+def discover() -> None:
+    """Import every drafter module of the package, `$SPEC_JAX_METHODS` modules and entry points (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import spec_jax.drafters as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    for name in filter(None, os.environ.get("SPEC_JAX_METHODS", "").split(",")):
+        importlib.import_module(name.strip())
+    for ep in metadata.entry_points(group="spec_jax.methods"):
+        ep.load()
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name: `ar` (the baseline) first, then alphabetical."""
+    discover()
+    return {name: _METHODS[name] for name in sorted(_METHODS, key=lambda n: (n != "ar", n))}
+
+
+def get(name: str) -> Method:
+    table = methods()
+    if name not in table:
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(table)} "
+                                   "(`spec-jax methods` lists them)")
+    return table[name]
+
+
+def all_options() -> dict[str, tuple[Option, list[str]]]:
+    """Each option name once, with the first declaration and the methods that use it."""
+    out: dict[str, tuple[Option, list[str]]] = {}
+    for m in methods().values():
+        for opt in m.options:
+            if opt.name in out:
+                first, users = out[opt.name]
+                if first.type is not opt.type:
+                    raise TypeError(f"option {opt.name!r} is a {first.type.__name__} for {users[0]} but a "
+                                    f"{opt.type.__name__} for {m.name}")
+                users.append(m.name)
+            else:
+                out[opt.name] = (opt, [m.name])
+    return out
+
+
+def options_for(name: str, values: dict) -> SimpleNamespace:
+    """The method's options from `values` (flag values by option name; None = the method's default)."""
+    m = get(name)
+    return SimpleNamespace(**{o.name: (o.default if values.get(o.name) is None else o.parse(values[o.name], name))
+                              for o in m.options})
+
+
+def build(name: str, values: dict, target: Target) -> Built:
+    """Build method `name` from option values for the target model."""
+    built = get(name).build(options_for(name, values), target)
+    if not isinstance(built, Built):
+        raise TypeError(f"the builder of method {name!r} returned {type(built).__name__}, expected Built")
+    return built

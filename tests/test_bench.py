@@ -52,20 +52,6 @@ def test_unknown_method_refused():
     assert parse_method("token_recycling/budget=auto/tr-k=4") == ("token_recycling", {"budget": "auto", "tr_k": 4})
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, exported as an HF directory."""
-    from spec_jax.models import Config, init_params
-    from spec_jax.models.loading import export_hf
-    from spec_jax.models.registry import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    cfg = Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=16, eos_token_ids=(), max_position_embeddings=2048)
-    params = init_params(cfg, jax.random.key(0))
-    return export_hf(params, cfg, tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=tok)
-
-
 def test_bench_end_to_end_on_tiny_model(tiny_hf_dir, tmp_path):
     """Two methods, two MT-Bench categories, both turns: JSON lines, Markdown, plots, run record."""
     from spec_jax.cli import main

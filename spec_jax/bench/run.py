@@ -81,16 +81,14 @@ def _question_row(q: dict, turns: list[dict]) -> dict:
 
 
 def _worker_ours(spec: dict) -> dict:
-    import importlib
-
     from spec_jax.decoding import generate
     from spec_jax.decoding.setup import enable_compilation_cache, init_devices, prepare
-    from spec_jax.drafters.registry import Target
+    from spec_jax.drafters.registry import Target, load_module
     from spec_jax.models import param_bytes
     from spec_jax.models.registry import load_model, load_tokenizer
     from spec_jax.text import encode_messages
 
-    importlib.import_module(spec["method_module"])  # methods defined outside the package register on import
+    load_module(*spec["method_module"])  # methods defined outside the package register on import
     args = argparse.Namespace(**spec["method_args"])
     mesh = init_devices(args)
     enable_compilation_cache()
@@ -284,7 +282,7 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         name, overrides = parsed[m]
         method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, **overrides, "method": name}
-        module = registered()[name].module if name not in HF_METHODS else None
+        module = None if name in HF_METHODS else (registered()[name].module, registered()[name].source)
         spec = {"entry": m, "method": name, "method_module": module, "model": args.model, "dtype": args.dtype,
                 "questions": questions,
                 "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,

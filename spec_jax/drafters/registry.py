@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from types import SimpleNamespace
@@ -93,6 +95,7 @@ class Method:
     options: tuple[Option, ...]
     build: Callable[[SimpleNamespace, Target], Built]
     module: str  # imported by benchmark workers before the lookup (methods defined outside the package)
+    source: str | None = None  # the module's file, for workers where `module` is not importable by name
 
 
 _METHODS: dict[str, Method] = {}
@@ -102,9 +105,23 @@ _discovered = False
 def register(name: str, description: str, options: tuple[Option, ...] = ()):
     """Decorator: register `build(opts, target) -> Built` as method `name`."""
     def deco(build):
-        _METHODS[name] = Method(name, description, tuple(options), build, build.__module__)
+        source = getattr(sys.modules.get(build.__module__), "__file__", None)
+        _METHODS[name] = Method(name, description, tuple(options), build, build.__module__, source)
         return build
     return deco
+
+
+def load_module(module: str, source: str | None = None) -> None:
+    """Import the module that registered a method (by name, else from its file), e.g. in a worker process."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        if source is None:
+            raise
+        spec = importlib.util.spec_from_file_location(module, source)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[module] = mod
+        spec.loader.exec_module(mod)
 
 
 def discover() -> None:

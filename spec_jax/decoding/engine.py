@@ -365,56 +365,63 @@ _SENTINEL = 1e30  # never a K/V value of a real forward
 
 
 def audit_drafter(engine: Engine, params, weights, carry) -> None:
-    """Refuse, before anything is compiled, a drafter that mismatches its weights or breaks its `DraftShape`.
+    """Refuse, before the engine compiles, a drafter that mismatches its weights or breaks its `DraftShape`.
 
-    `Drafter.check` validates settings, weights and carry. Then, once per engine, `propose` runs
-    eagerly (`jax.disable_jit`) on a one-sequence probe whose target cache holds NaN in every scratch
-    slot: the trees must have the declared node count and accepted depth, the committed slots must be
-    untouched, and no scratch slot past the declared `target_scratch` (or the tree's own verification
-    slots) may have been written. A drafter that wrote more would, near the end of the cache, have its
-    writes clamped back over committed entries.
+    `Drafter.check` validates settings, weights and carry. Then, once per engine, `propose` runs on a
+    one-sequence probe (a small program of its own, compiled apart from the engine's step) whose target
+    cache holds a sentinel in every scratch slot: the trees must have the declared node count and
+    accepted depth, the committed slots must be untouched, and no scratch slot past the declared
+    `target_scratch` (or the tree's own verification slots) may have been written. A drafter that wrote
+    more would, near the end of the cache, have its writes clamped back over committed entries.
     """
     engine.drafter.check(engine.cfg, weights, carry)
     key = (engine, jax.tree.structure(weights), tuple(np.shape(x) for x in jax.tree.leaves(weights)))
     if key in _AUDITED:
         return
-    _probe_propose(engine, params, weights, carry)
+    _check_probe(engine, *fetch(_probe(engine)(params, weights, carry), engine.mesh))
     _AUDITED.add(key)
 
 
-def _probe_propose(engine: Engine, params, weights, carry) -> None:
+_PROBE_COMMITTED = 4  # committed slots of the probe
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(engine: Engine):
+    """jit(params, weights, carry) -> (depth [N], valid [N], written [S] per scratch slot, committed changed)."""
     cfg, drafter, shape = engine.cfg, engine.drafter, engine.shape
-    committed = 4
-    size = committed + engine.scratch + 2 * (shape.nodes + shape.target_scratch) + 8
-    # Committed slots hold 0, scratch slots a finite sentinel (NaN would leak through attention as 0 x NaN).
-    slot = jnp.arange(size)[None, :, None, None]
-    buf = jnp.where(slot < committed, 0.0, _SENTINEL) * jnp.ones((1, size, cfg.num_kv_heads, cfg.head_dim))
-    buf = buf.astype(cfg.jnp_dtype)
-    tokens_1xS = jnp.asarray((np.arange(size) % max(cfg.vocab_size - 1, 1) + 1)[None], jnp.int32)
-    put = (lambda x: x) if engine.mesh is None else (lambda x: to_global(np.asarray(x), replicated(engine.mesh)))
-    cache = KVCache(k=(put(buf),) * cfg.num_layers, v=(put(buf),) * cfg.num_layers,
-                    lengths=put(jnp.array([committed], jnp.int32)))
-    committed_B = cache.lengths
-    ctx = StepContext(target_params=params, cfg=cfg, cache=cache, tokens_BxS=put(tokens_1xS), committed_B=committed_B,
-                      pending_B=put(tokens_1xS[:, committed]), sampling=engine.sampling, rng=jax.random.key(0))
-    state = drafter.init(weights, carry, cfg, 1, size)
-    with jax.disable_jit():
-        tree, _, out_cache = drafter.propose(weights, state, ctx)
-    name = drafter.name
-    N = np.shape(tree.tokens)[1]
-    if N != shape.nodes:
-        raise DrafterContractError(f"drafter {name!r} proposed trees of {N} nodes but its shape declares "
-                                   f"{shape.nodes}; make `shape.nodes` the tree size `propose` returns")
-    depth, valid = fetch((tree.depth, tree.valid), engine.mesh)
-    deepest = int(depth[valid].max(initial=0))
+    c = _PROBE_COMMITTED
+    size = c + engine.scratch + 2 * (shape.nodes + shape.target_scratch) + 8
+
+    def probe(params, weights, carry):
+        # Committed slots hold 0, scratch slots a finite sentinel (NaN would leak through attention as 0 x NaN).
+        buf = jnp.where(jnp.arange(size)[None, :, None, None] < c, 0.0, _SENTINEL)
+        buf = jnp.broadcast_to(buf, (1, size, cfg.num_kv_heads, cfg.head_dim)).astype(cfg.jnp_dtype)
+        tokens_1xS = (jnp.arange(size, dtype=jnp.int32) % max(cfg.vocab_size - 1, 1) + 1)[None]
+        cache = KVCache(k=(buf,) * cfg.num_layers, v=(buf,) * cfg.num_layers, lengths=jnp.full((1,), c, jnp.int32))
+        ctx = StepContext(target_params=params, cfg=cfg, cache=cache, tokens_BxS=tokens_1xS,
+                          committed_B=cache.lengths, pending_B=tokens_1xS[:, c], sampling=engine.sampling,
+                          rng=jax.random.key(0))
+        tree, _, out = drafter.propose(weights, drafter.init(weights, carry, cfg, 1, size), ctx)
+        first_LxS = jnp.stack([x[0, :, 0, 0].astype(jnp.float32) for x in out.k + out.v])
+        written_S = jnp.any(first_LxS != jnp.float32(_SENTINEL), axis=0)
+        return tree.depth[0], tree.valid[0], written_S[c:], jnp.any(first_LxS[:, :c] != 0)
+
+    return jax.jit(probe)
+
+
+def _check_probe(engine: Engine, depth_N, valid_N, written_S, committed_changed) -> None:
+    name, shape = engine.drafter.name, engine.shape
+    if depth_N.shape[0] != shape.nodes:
+        raise DrafterContractError(f"drafter {name!r} proposed trees of {depth_N.shape[0]} nodes but its shape "
+                                   f"declares {shape.nodes}; make `shape.nodes` the tree size `propose` returns")
+    deepest = int(depth_N[valid_N].max(initial=0))
     if deepest > shape.depth:
         raise DrafterContractError(f"drafter {name!r} proposed a valid node at depth {deepest} but its shape "
                                    f"declares depth {shape.depth}")
-    k_LxS = np.stack([np.asarray(x, np.float32)[0, :, 0, 0] for x in fetch(out_cache.k + out_cache.v, engine.mesh)])
-    if np.any(k_LxS[:, :committed] != 0):
+    if committed_changed:
         raise DrafterContractError(f"drafter {name!r} wrote committed target-cache entries (slots below the "
                                    "committed length); drafters may write only scratch slots")
-    written = np.flatnonzero(np.any(k_LxS[:, committed:] != np.float32(_SENTINEL), axis=0))
+    written = np.flatnonzero(written_S)
     extent = int(written.max()) + 1 if written.size else 0
     if extent > shape.target_scratch:
         raise DrafterContractError(

@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
+from spec_jax.files import atomic_path
 from spec_jax.models.llama import Config, init_params, param_shardings, unsupported_architecture
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -250,23 +249,14 @@ def export_hf(params, cfg: Config, out_dir: str | os.PathLike, tokenizer=None) -
     """
     from safetensors.flax import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir, directory=True) as tmp:
         flat = _flatten(jax.device_get(params))
         tensors = {_path_to_hf(p): jnp.asarray(v.T if _is_kernel(p) else v) for p, v in flat}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- GGUF

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from spec_jax.errors import CheckpointError, ModelNotFoundError
+from spec_jax.files import atomic_path, cache_root
 from spec_jax.models.llama import Config
 from spec_jax.models.loading import gguf_metadata, load_gguf, load_hf
 
@@ -71,8 +72,7 @@ def load_model(model: str | os.PathLike, dtype: str = "float32", mesh=None) -> t
 def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    root = Path(os.environ.get("SPEC_JAX_CACHE", Path.home() / ".cache" / "spec_jax"))
-    return root / "tokenizers" / key[:16]
+    return cache_root() / "tokenizers" / key[:16]
 
 
 def load_tokenizer(model: str | os.PathLike):
@@ -93,9 +93,8 @@ def load_tokenizer(model: str | os.PathLike):
             pass  # a damaged cache entry is rebuilt below
     tok = _tokenizer_from_gguf(path)
     try:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)
-        os.replace(tmp, cached)
+        with atomic_path(cached, directory=True) as tmp:
+            tok.save_pretrained(tmp)
     except OSError:
         pass  # caching is an optimisation only
     return tok

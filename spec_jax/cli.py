@@ -1,7 +1,8 @@
 """`spec-jax generate | methods | search-skip | bench`: the command line.
 
 Errors the user can act on (`SpecJaxError`) are printed as one line and exit with status 2. Methods and
-their flags come from the method registry (`spec_jax.drafters.registry`); nothing here names a method.
+their flags come from the method registry (`spec_jax.drafters.registry`); `generate` and `bench` name
+no method (`search-skip` is layer skipping's own tool).
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ def cmd_generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validate before loading anything
     if not args.prompt:
         raise InvalidArgumentError("empty prompt: pass some text with --prompt")
-    check_method_args(args.method, args)
+    ignored = check_method_args(args.method, args)
+    if ignored:
+        print(f"spec-jax: warning: --method {args.method} does not take {', '.join(ignored)}; ignored",
+              file=sys.stderr)
     t0 = time.perf_counter()
     mesh = init_devices(args)
     enable_compilation_cache()
     params, cfg = load_model(args.model, args.dtype, mesh=mesh)
     tok = load_tokenizer(args.model)
     prompt = encode_prompt(tok, args.prompt, args.chat)
-    run = prepare(args.method, args, Target(params, cfg, tok, args.dtype, mesh), sampling)
+    target = Target(params=params, cfg=cfg, tokenizer=tok, dtype=args.dtype, mesh=mesh)
+    run = prepare(args.method, args, target, sampling)
     engine, budget = run.engine, run.budget
     lead = _is_lead()
     if budget and not args.json and lead:

@@ -23,8 +23,8 @@ def cache_root() -> Path:
 def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
     """A temporary sibling of `path` to write; renamed over `path` when the block succeeds, removed otherwise.
 
-    Keeps the suffix (`np.save` appends `.npy` to names without it). A directory target replaces any
-    existing directory of that name.
+    The temporary name keeps the target's suffix. A directory target replaces any existing directory
+    of that name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ same code runs on 1 CPU, 8 simulated CPU devices, a GPU or a TPU pod slice.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -88,6 +90,10 @@ def parse_mesh(text: str | None, devices=None):
     if sizes[DATA] * sizes[MODEL] > n:
         raise InvalidArgumentError(f"--mesh {text} needs {sizes[DATA] * sizes[MODEL]} devices but {n} are visible "
                                    f"({jax.devices()[0].platform}); lower the sizes or use --mesh auto")
+    if jax.process_count() > 1 and sizes[DATA] * sizes[MODEL] != n:
+        raise InvalidArgumentError(f"--mesh {text} covers {sizes[DATA] * sizes[MODEL]} of the {n} devices of this "
+                                   f"{jax.process_count()}-process job; a multi-host mesh must use every device "
+                                   "(e.g. --mesh auto)")
     return make_mesh(sizes[DATA], sizes[MODEL], devices)
 
 
@@ -102,5 +108,10 @@ def fetch(tree, mesh=None):
     shard: the arrays are first all-gathered to a replicated sharding, then each process reads its copy."""
     if mesh is None:
         return jax.device_get(tree)
-    gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), gathered)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), _gather(mesh)(tree))
+
+
+@functools.lru_cache(maxsize=8)
+def _gather(mesh):
+    """One jitted all-gather to a replicated sharding per mesh (jit caches it per input shapes)."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))

@@ -48,7 +48,8 @@ def test_greedy_exact_many_models(seed, prompts):
     assert g.tau > 4.0
 
 
-@pytest.mark.parametrize("spec", [DynamicTree(3, 1, 1, 3), DynamicTree(4, 2, 3, 12), DynamicTree(3, 3, 3, 5)])
+@pytest.mark.parametrize("spec", [DynamicTree(3, 1, 1, 3), DynamicTree(4, 2, 3, 12), DynamicTree(3, 3, 3, 5),
+                                  DynamicTree(4, 2, 2, 3)])  # a budget below the depth
 def test_dynamic_tree_with_perfect_draft_accepts_its_deepest_path(spec, prompts):
     """A draft equal to the target always has the target's argmax among its top-1 children, so every
     step accepts as deep as the kept tree reaches; the draft cache commit keeps it in sync."""

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -170,3 +171,15 @@ def test_sharded_load_equals_unsharded(checkpoints):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bf16_checkpoint_file(tmp_path):
+    """Most HF checkpoints store bf16: read through safetensors' numpy slices (ml_dtypes), values unchanged."""
+    cfg = CFG.replace(dtype="bfloat16")
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _random_params(CFG))
+    path = export_hf(params, cfg, tmp_path / "bf16")
+    got, got_cfg = load_hf(path, "bfloat16")
+    assert got_cfg.dtype == "bfloat16"
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
+                 got, params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))

@@ -103,3 +103,24 @@ def test_tree_mask_over_earlier_scratch_equals_one_block(tiny):
     first = forward(params, cfg, toks[:, :2], pos[:, :2], cache, full_mask[:, :2, :2])
     second = forward(params, cfg, toks[:, 2:], pos[:, 2:], first.cache, full_mask[:, 2:, :]).logits
     np.testing.assert_allclose(jnp.concatenate([first.logits, second], 1), whole, **TOL)
+
+
+def test_pieces_for_draft_heads(tiny):
+    """What draft heads build on: a forward from input embeddings equals the forward from token ids; the
+    pre-norm final hidden state through the final norm and the LM head gives the logits; tied and untied."""
+    from spec_jax.models import embed, final_norm, forward_embeddings, head, init_params, lm_head
+
+    params, cfg = tiny
+    for c, p in [(cfg, params), (cfg.replace(tie_word_embeddings=True), None)]:
+        p = p if p is not None else init_params(c, jax.random.key(2))
+        ids = jax.random.randint(jax.random.key(3), (2, 6), 0, c.vocab_size)
+        pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        ref = forward(p, c, ids, pos, init_cache(c, 2, 16), return_hidden=(c.num_layers,))
+        emb = forward_embeddings(p, c, embed(p, c, ids), pos, init_cache(c, 2, 16))
+        np.testing.assert_allclose(emb.logits, ref.logits, **TOL)
+        np.testing.assert_allclose(ref.final_hidden, ref.hidden[c.num_layers], **TOL)
+        np.testing.assert_allclose(lm_head(p, c, final_norm(p, c, ref.final_hidden)), ref.logits, **TOL)
+        np.testing.assert_allclose(head(p, c, ref.final_hidden), ref.logits, **TOL)
+        # A different input (an EAGLE-style feature) changes the output: the embeddings are really used.
+        other = forward_embeddings(p, c, embed(p, c, ids) * 2.0, pos, init_cache(c, 2, 16))
+        assert not np.allclose(other.logits, ref.logits, **TOL)

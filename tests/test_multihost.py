@@ -1,6 +1,7 @@
 """Multi-host for real: two processes joined by `jax.distributed.initialize` (CPU devices, gloo
-collectives), 4 simulated devices each, one data x model mesh over all 8. A sharded greedy generate
-with a speculative method, and prefill alone, equal a single-process run."""
+collectives), 4 simulated devices each, one data x model mesh over all 8. Sharded greedy generates
+(a draft model, fused and phase-timed; Token Recycling with its matrix carried to a second request),
+and prefill alone, equal a single-process run."""
 
 import json
 import os
@@ -22,6 +23,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from spec_jax.decoding import Engine, generate
     from spec_jax.drafters.draft_model import DraftModel
+    from spec_jax.drafters.token_recycling import TokenRecycling
     from spec_jax.models import Config, init_params, truncate
     from spec_jax.sharding import fetch, make_mesh
 
@@ -37,10 +39,15 @@ WORKER = textwrap.dedent("""
     weights, dcfg = truncate(params, cfg, 1)
     engine = Engine(cfg, DraftModel(draft_cfg=dcfg), mesh=mesh)
     gen = generate(engine, params, prompts, 12, weights=weights)
+    timed = generate(engine, params, prompts, 12, weights=weights, time_phases=True)
+    tr = Engine(cfg, TokenRecycling(k=4, levels=(4, 4)), mesh=mesh)
+    cold = generate(tr, params, prompts, 12)
+    warm = generate(tr, params, prompts, 12, carry=cold.carry)  # the matrix carried across requests
     padded, lens = engine.pad_prompts(prompts)
     state = engine.prefill(params, weights, None, padded, lens, 12, 0, engine.cache_size(int(lens.max()), 12))
     k0 = fetch(state.cache.k[0], mesh)
     out = {"tokens": gen.token_ids, "forwards": gen.target_forwards, "first": engine.outputs(state),
+           "timed": timed.token_ids, "tr": [cold.token_ids, warm.token_ids, warm.target_forwards],
            "k0_sum": float(np.abs(k0).sum()), "k0_shape": list(k0.shape)}
     if pid >= 0:
         local = state.cache.k[0].addressable_shards
@@ -79,6 +86,8 @@ def test_two_process_generate_and_prefill_equal_single_process(tmp_path):
     for stdout, _ in outs:
         got = _result(stdout)
         assert got["tokens"] == ref["tokens"] and got["forwards"] == ref["forwards"]
+        assert got["timed"] == ref["tokens"]  # the phase-timed halves, jitted with the same shardings
+        assert got["tr"] == ref["tr"] and got["tr"][0] == got["tr"][1]  # carry (hot start) across processes
         assert got["first"] == ref["first"]  # prefill alone: the first token of every sequence
         assert got["k0_shape"] == ref["k0_shape"]
         assert abs(got["k0_sum"] - ref["k0_sum"]) <= 1e-4 * ref["k0_sum"]

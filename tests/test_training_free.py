@@ -117,6 +117,9 @@ def test_matrix_file_round_trip_and_errors(tmp_path, tiny):
     M = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(cfg.vocab_size, 4)).astype(np.int32)
     path = save_matrix(M, tmp_path / "tr.npy")
     np.testing.assert_array_equal(load_matrix(path), M)
+    other = save_matrix(M, tmp_path / "tr.bin")  # any name: np.save must not append ".npy" to the temp file
+    np.testing.assert_array_equal(load_matrix(other), M)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tr.bin", "tr.npy"]  # no temporary left behind
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     with pytest.raises(DataFormatError, match="token recycling matrix"):
         load_matrix(tmp_path / "bad.npy")

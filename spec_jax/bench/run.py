@@ -95,7 +95,7 @@ def _worker_ours(spec: dict) -> dict:
     params, cfg = load_model(spec["model"], spec["dtype"], mesh=mesh)
     tok = load_tokenizer(spec["model"])
     t = time.perf_counter()
-    run = prepare(spec["method"], args, Target(params, cfg, tok, spec["dtype"], mesh))
+    run = prepare(spec["method"], args, Target(params=params, cfg=cfg, tokenizer=tok, dtype=spec["dtype"], mesh=mesh))
     budget_seconds = time.perf_counter() - t
     engine, weights = run.engine, run.built.weights
     max_new = spec["max_new_tokens"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.generate import generate
 from spec_jax.drafters.base import TemplateDrafter
 from spec_jax.errors import InvalidArgumentError
+from spec_jax.metrics import tau
 from spec_jax.policies.budget import choose_budget, measure_forward_cost, prune_template
 from spec_jax.trees import rank_prior
 
@@ -46,8 +48,8 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
         return engine, carry, None
     drafter = engine.drafter
     if not (isinstance(drafter, TemplateDrafter) and drafter.prunable):
-        raise InvalidArgumentError(f"--budget applies to methods with a prunable static tree (token_recycling, "
-                                   f"sam_tr), not {drafter.name}")
+        raise InvalidArgumentError(f"--budget applies to methods with a prunable static tree; {drafter.name} has "
+                                   "none (`spec-jax methods` describes each method)")
     if budget == "auto":
         engine, report, carry = auto_budget(engine, params, calibration, weights=weights, carry=carry)
         return engine, carry, report
@@ -66,9 +68,12 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
     Drafters that learn while decoding (Token Recycling) come out of the calibration warm: the
     returned carry holds what they learned.
     """
+    if jax.process_count() > 1:
+        raise InvalidArgumentError("--budget auto times this host alone, and the hosts of a multi-host run must "
+                                   "agree on one tree: pass a fixed --budget N (e.g. the one a single-host run chose)")
     drafter = engine.drafter
     N = drafter.shape.nodes
-    hits, steps, draft_s, committed = np.zeros(N), 0, 0.0, 0
+    hits, steps, draft_s, new, forwards, runs = np.zeros(N), 0, 0.0, 0, 0, 0
     for i, prompt in enumerate(calibration):  # one at a time: costs are measured for batch 1
         gen = generate(engine, params, [prompt], max_new_tokens, weights=weights, carry=carry, time_phases=True)
         carry = gen.carry
@@ -76,15 +81,15 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
             continue  # the first run compiles the step halves; its times are not representative
         hits += np.asarray(gen.node_hits)
         steps += gen.target_forwards[0] - 1
-        committed += len(gen.token_ids[0]) - 1
+        new, forwards, runs = new + gen.new_tokens, forwards + gen.target_forwards[0], runs + 1
         draft_s += gen.draft_seconds
     rates = hits / max(steps, 1)
-    cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(N + 1))
+    cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(N + 1), mesh=engine.mesh)
     n, curve = choose_budget(rates, cost, draft_s / max(steps, 1))
     template = prune_template(drafter.template, rates, n)
     report = {"nodes": template.num_nodes, "depth": template.max_depth, "of_nodes": N,
               "expected_tau": next(c["expected_tau"] for c in curve if c["nodes"] == n),
-              "calibration_tau": committed / max(steps, 1), "draft_seconds_per_step": draft_s / max(steps, 1),
+              "calibration_tau": tau(new, forwards, runs), "draft_seconds_per_step": draft_s / max(steps, 1),
               "cost_seconds": cost, "curve": curve}
     return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, carry
 

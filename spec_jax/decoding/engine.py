@@ -271,8 +271,9 @@ class Engine:
 
     def draft_phase(self, params, weights, state: DecodeState) -> Proposal:
         rest = state.replace(cache=None, drafter=None)
-        out = None if self.mesh is None else Proposal(None, _out_like(state.drafter), _out_like(state.cache),
-                                                      None, None, None)
+        out = None if self.mesh is None else Proposal(
+            tree=None, drafter=_out_like(state.drafter), cache=_out_like(state.cache), pending_B=None, rng=None,
+            verify_key=None)
         key = _shardings_key((params, weights, rest, state.cache, state.drafter), out, self.mesh)
         return _jitted(self, "draft_phase", (), (3, 4), key)(params, weights, rest, state.cache, state.drafter)
 
@@ -370,11 +371,15 @@ def audit_drafter(engine: Engine, params, weights, carry) -> None:
     `Drafter.check` validates settings, weights and carry. Then, once per engine, `propose` runs on a
     one-sequence probe (a small program of its own, compiled apart from the engine's step) whose target
     cache holds a sentinel in every scratch slot: the trees must have the declared node count and
-    accepted depth, the committed slots must be untouched, and no scratch slot past the declared
-    `target_scratch` (or the tree's own verification slots) may have been written. A drafter that wrote
-    more would, near the end of the cache, have its writes clamped back over committed entries.
+    accepted depth, the committed slots and lengths must be untouched, and no scratch slot past the
+    declared `target_scratch` may have been written. A drafter that wrote more would, near the end of
+    the cache, have its writes clamped back over committed entries.
     """
     engine.drafter.check(engine.cfg, weights, carry)
+    if engine.drafter.host and jax.process_count() > 1:
+        raise InvalidArgumentError(f"method {engine.drafter.name} drafts on the host (io_callback), which a "
+                                   "multi-host run cannot share; use it on one host")
+    _check_placement(engine, params)
     key = (engine, jax.tree.structure(weights), tuple(np.shape(x) for x in jax.tree.leaves(weights)))
     if key in _AUDITED:
         return
@@ -387,7 +392,7 @@ _PROBE_COMMITTED = 4  # committed slots of the probe
 
 @functools.lru_cache(maxsize=16)
 def _probe(engine: Engine):
-    """jit(params, weights, carry) -> (depth [N], valid [N], written [S] per scratch slot, committed changed)."""
+    """jit(params, weights, carry) -> (depth [N], valid [N], written [S] per scratch slot, committed part changed)."""
     cfg, drafter, shape = engine.cfg, engine.drafter, engine.shape
     c = _PROBE_COMMITTED
     size = c + engine.scratch + 2 * (shape.nodes + shape.target_scratch) + 8
@@ -404,9 +409,19 @@ def _probe(engine: Engine):
         tree, _, out = drafter.propose(weights, drafter.init(weights, carry, cfg, 1, size), ctx)
         first_LxS = jnp.stack([x[0, :, 0, 0].astype(jnp.float32) for x in out.k + out.v])
         written_S = jnp.any(first_LxS != jnp.float32(_SENTINEL), axis=0)
-        return tree.depth[0], tree.valid[0], written_S[c:], jnp.any(first_LxS[:, :c] != 0)
+        changed = jnp.any(first_LxS[:, :c] != 0) | jnp.any(out.lengths != c)
+        return tree.depth[0], tree.valid[0], written_S[c:], changed
 
     return jax.jit(probe)
+
+
+def _check_placement(engine: Engine, params) -> None:
+    """Params must live on the engine's mesh (else XLA would fail later with 'incompatible devices')."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if engine.mesh is not None and getattr(sharding, "mesh", None) != engine.mesh:
+        raise InvalidArgumentError("the parameters are not on the engine's mesh; load them with "
+                                   "load_model(..., mesh=mesh) or init_params(..., mesh=mesh) for the same mesh")
 
 
 def _check_probe(engine: Engine, depth_N, valid_N, written_S, committed_changed) -> None:
@@ -419,8 +434,8 @@ def _check_probe(engine: Engine, depth_N, valid_N, written_S, committed_changed)
         raise DrafterContractError(f"drafter {name!r} proposed a valid node at depth {deepest} but its shape "
                                    f"declares depth {shape.depth}")
     if committed_changed:
-        raise DrafterContractError(f"drafter {name!r} wrote committed target-cache entries (slots below the "
-                                   "committed length); drafters may write only scratch slots")
+        raise DrafterContractError(f"drafter {name!r} changed committed target-cache entries or the cache lengths; "
+                                   "drafters may write only scratch slots and must return the lengths unchanged")
     written = np.flatnonzero(written_S)
     extent = int(written.max()) + 1 if written.size else 0
     if extent > shape.target_scratch:

@@ -64,8 +64,8 @@ def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> Non
         else:
             g.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, choices=opt.choices, help=text)
     g.add_argument("--budget", default=None,
-                   help="tree size of token_recycling / sam_tr: a node count, or 'auto' to measure this device's "
-                        "verification cost and the drafter's acceptance on calibration prompts")
+                   help="tree size of methods with a prunable static tree: a node count, or 'auto' to measure this "
+                        "device's verification cost and the drafter's acceptance on calibration prompts")
     g.add_argument("--verify", default="lossless", choices=VERIFY_MODES,
                    help="'lossless' (default) or 'typical': Medusa-2's typical acceptance, LOSSY (the output is "
                         "no longer the target's distribution)")
@@ -94,10 +94,14 @@ def init_devices(args):
     return parse_mesh(getattr(args, "mesh", None))
 
 
-def check_method_args(name: str, args) -> None:
-    """Validate the method's options and the budget before anything is loaded."""
+def check_method_args(name: str, args) -> list[str]:
+    """Validate the method's options and the budget before anything is loaded; returns the flags the user
+    set that method `name` does not take (to warn about)."""
     registry.options_for(name, method_values(args))
     parse_budget(getattr(args, "budget", None))
+    own = {o.name for o in registry.get(name).options}
+    table = registry.all_options()
+    return [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]
 
 
 @dataclasses.dataclass
@@ -113,13 +117,13 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
     from spec_jax.text import calibration_prompts
 
     built = registry.build(name, method_values(args), target)
-    engine = Engine(target.cfg, built.drafter, sampling or Sampling(), getattr(args, "verify", "lossless"),
-                    target.mesh)
-    if engine.verify_mode != "lossless":
+    engine = Engine(cfg=target.cfg, drafter=built.drafter, sampling=sampling or Sampling(),
+                    verify_mode=getattr(args, "verify", "lossless"), mesh=target.mesh)
+    if engine.verify_mode != "lossless" and jax.process_index() == 0:
         print(f"spec-jax: warning: --verify {engine.verify_mode} is LOSSY: the output is not the target "
               "model's greedy text or distribution", file=sys.stderr)
     budget = getattr(args, "budget", None)
     calib = calibration_prompts(target.tokenizer, 3) if parse_budget(budget) == "auto" else None
     engine, carry, report = apply_budget(engine, budget, target.params, weights=built.weights, carry=built.carry,
                                          calibration=calib)
-    return Prepared(engine, built, carry, report)
+    return Prepared(engine=engine, built=built, carry=carry, budget=report)

@@ -19,8 +19,9 @@ The engine calls, inside its jitted functions (so everything must be traceable):
 nodes N (every proposed `DraftTree` is `[B, N]`), the deepest node, and the number of target-cache
 scratch slots past the committed length that `propose` may write (a self-speculative drafter runs the
 target's own layers and leaves K/V there; verification overwrites them). The engine sizes the cache from
-it and, before compiling, runs `propose` once eagerly on a small probe to check that the drafter keeps
-to it; a drafter that writes more scratch than it declares is refused (see `engine.audit_drafter`).
+it and, before compiling the step, runs `propose` once on a small probe (a program of its own) to check
+that the drafter keeps to it; a drafter that writes more scratch than it declares is refused (see
+`engine.audit_drafter`).
 """
 
 from __future__ import annotations

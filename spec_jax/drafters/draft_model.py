@@ -85,7 +85,7 @@ class DraftModelTree(_DraftModelBase, Drafter):
 
     @property
     def shape(self) -> DraftShape:
-        return DraftShape(nodes=self.tree.num_nodes, depth=self.tree.depth)
+        return DraftShape(nodes=self.tree.num_nodes, depth=min(self.tree.depth, self.tree.num_nodes))
 
     def init(self, weights, carry, cfg, batch, cache_size):
         # The draft cache also holds the expanded nodes' scratch entries below the tree's nodes.
@@ -143,12 +143,13 @@ def load_draft(opts, target):
           options=(*DRAFT_OPTIONS, Option("draft_k", int, 5, "maximum draft length"), LENGTH_POLICY))
 def build_draft(opts, target) -> Built:
     weights, dcfg = load_draft(opts, target)
-    return Built(DraftModel(draft_cfg=dcfg, policy=make_policy(opts.length_policy, opts.draft_k)), weights)
+    return Built(DraftModel(draft_cfg=dcfg, policy=make_policy(opts.length_policy, opts.draft_k)), weights=weights)
 
 
 @register("draft_tree", "the draft model grows a dynamic tree (EAGLE-2 expansion and reranking)",
           options=(*DRAFT_OPTIONS, *TREE_OPTIONS))
 def build_draft_tree(opts, target) -> Built:
     weights, dcfg = load_draft(opts, target)
-    tree = DynamicTree(opts.tree_depth, opts.tree_width, opts.tree_k, opts.tree_budget, opts.sampled_children)
-    return Built(DraftModelTree(draft_cfg=dcfg, tree=tree), weights)
+    tree = DynamicTree(depth=opts.tree_depth, width=opts.tree_width, k=opts.tree_k, budget=opts.tree_budget,
+                       sampled=opts.sampled_children)
+    return Built(DraftModelTree(draft_cfg=dcfg, tree=tree), weights=weights)

@@ -40,7 +40,7 @@ class DynamicTree:
     depth: int = 4
     width: int = 4
     k: int = 4
-    budget: int = 16
+    budget: int = 12
     sampled: bool = False  # children drawn i.i.d. from q instead of q's top-k
 
     def __post_init__(self):
@@ -110,15 +110,15 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
         padded = jnp.pad(fed_mask_BxFxF, ((0, 0), (0, 1), (0, 0)))  # row n_fed: the root's (sees nothing)
         parent_rows_BxWxF = jnp.take_along_axis(
             padded, jnp.where(f_parent_slot_BxW < 0, n_fed, f_parent_slot_BxW)[:, :, None], axis=1)
-        rows_BxWxC = jnp.concatenate([parent_rows_BxWxF, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))],
-                                     axis=2)
-        fed_mask_BxFxF = jnp.concatenate([jnp.pad(fed_mask_BxFxF, ((0, 0), (0, 0), (0, W))), rows_BxWxC], axis=1)
+        rows_BxWxF = jnp.concatenate([parent_rows_BxWxF, jnp.broadcast_to(jnp.eye(W, dtype=bool), (B, W, W))],
+                                     axis=2)  # F grows by W: the new rows see their ancestors and themselves
+        fed_mask_BxFxF = jnp.concatenate([jnp.pad(fed_mask_BxFxF, ((0, 0), (0, 0), (0, W))), rows_BxWxF], axis=1)
         # Record which level candidates were fed and where.
         slots_W = n_fed + jnp.arange(W, dtype=jnp.int32)
         cand_fed[-1] = jnp.full(level_tok_BxC.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top_BxW].set(
             slots_W[None])
         positions_BxW = (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32)
-        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxC)
+        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxF)
         toks_BxC, logq_BxC, qs = _children(keys[d], logits_BxWxV, spec, s)
         score_BxC = jnp.repeat(f_score_BxW, k, axis=1) + logq_BxC
         parent_idx_BxW = level_start + top_BxW  # candidate index of each expanded node

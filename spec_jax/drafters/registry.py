@@ -106,7 +106,11 @@ def register(name: str, description: str, options: tuple[Option, ...] = ()):
     """Decorator: register `build(opts, target) -> Built` as method `name`."""
     def deco(build):
         source = getattr(sys.modules.get(build.__module__), "__file__", None)
-        _METHODS[name] = Method(name, description, tuple(options), build, build.__module__, source)
+        old = _METHODS.get(name)
+        if old is not None and old.module != build.__module__:
+            raise ValueError(f"method {name!r} is registered twice: by {old.module} and by {build.__module__}")
+        _METHODS[name] = Method(name=name, description=description, options=tuple(options), build=build,
+                                module=build.__module__, source=source)
         return build
     return deco
 
@@ -129,7 +133,6 @@ def discover() -> None:
     global _discovered
     if _discovered:
         return
-    _discovered = True
     import spec_jax.drafters as package
 
     for info in pkgutil.iter_modules(package.__path__):
@@ -138,6 +141,7 @@ def discover() -> None:
         importlib.import_module(name.strip())
     for ep in metadata.entry_points(group="spec_jax.methods"):
         ep.load()
+    _discovered = True  # only once everything imported: a failed import is retried, not half-remembered
 
 
 def methods() -> dict[str, Method]:

@@ -143,7 +143,11 @@ def update_matrix(M_VxK: jax.Array, fed_BxT: jax.Array, top_BxTxK: jax.Array, va
 
 def save_matrix(M, path: str | os.PathLike) -> Path:
     """Write the matrix as .npy (atomically)."""
-    return atomic_write(path, lambda tmp: np.save(tmp, np.asarray(M, np.int32)))
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name without it
+            np.save(f, np.asarray(M, np.int32))
+
+    return atomic_write(path, write)
 
 
 def load_matrix(path: str | os.PathLike) -> np.ndarray:

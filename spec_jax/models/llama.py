@@ -434,9 +434,9 @@ class Transformer(nn.Module):
                 hidden[i + 1] = x
         new_cache = KVCache(k=tuple(k), v=tuple(v), lengths=cache.lengths)
         if not compute_logits:
-            return Output(None, hidden, new_cache, x)
+            return Output(logits=None, hidden=hidden, cache=new_cache, final_hidden=x)
         h = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-        return Output(self.logits(self.norm(h)), hidden, new_cache, x)
+        return Output(logits=self.logits(self.norm(h)), hidden=hidden, cache=new_cache, final_hidden=x)
 
     def embed(self, tokens_BxT):
         return self.embed_tokens(tokens_BxT)

@@ -31,19 +31,21 @@ from spec_jax.models import Config, forward, init_cache
 from spec_jax.trees import TreeTemplate, ancestor_mask
 
 
-def _cache_file(cfg: Config, params) -> Path:
+def _cache_file(cfg: Config, params, mesh) -> Path:
     root = cache_root()
     dev = jax.devices()[0]
     shapes = str(sorted((jax.tree_util.keystr(k), v.shape, str(v.dtype))
                         for k, v in jax.tree_util.tree_leaves_with_path(params)))
-    key = hashlib.sha256(f"{cfg}{shapes}{jax.__version__}".encode()).hexdigest()[:16]  # XLA changes costs
+    layout = dict(mesh.shape) if mesh is not None else None
+    key = hashlib.sha256(f"{cfg}{shapes}{layout}{jax.__version__}".encode()).hexdigest()[:16]  # XLA changes costs
     return root / "budget" / f"{dev.platform}-{dev.device_kind.replace(' ', '_')}-{jax.device_count()}-{key}.json"
 
 
 def measure_forward_cost(params, cfg: Config, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64, 80), *, context: int = 256,
-                         repeats: int = 5, use_cache: bool = True) -> dict[int, float]:
-    """Median seconds of a target forward over T tree tokens after `context` committed tokens, per T."""
-    path = _cache_file(cfg, params)
+                         repeats: int = 5, use_cache: bool = True, mesh=None) -> dict[int, float]:
+    """Median seconds of a target forward over T tree tokens after `context` committed tokens, per T (params
+    as placed: sharded on `mesh` when given, which keys the cached measurement too)."""
+    path = _cache_file(cfg, params, mesh)
     if use_cache and path.is_file():
         cached = {int(k): v for k, v in json.loads(path.read_text())["cost"].items()}
         if all(t in cached for t in sizes):

@@ -270,6 +270,7 @@ class Engine:
         return _jitted(self, "loop", (), (2,), key)(params, weights, state, limit)
 
     def draft_phase(self, params, weights, state: DecodeState) -> Proposal:
+        """The drafting half of one step as its own device call (the state's cache and drafter are donated)."""
         rest = state.replace(cache=None, drafter=None)
         out = None if self.mesh is None else Proposal(
             tree=None, drafter=_out_like(state.drafter), cache=_out_like(state.cache), pending_B=None, rng=None,
@@ -278,6 +279,7 @@ class Engine:
         return _jitted(self, "draft_phase", (), (3, 4), key)(params, weights, rest, state.cache, state.drafter)
 
     def verify_phase(self, params, weights, state: DecodeState, proposal: Proposal) -> DecodeState:
+        """The verifying half of one step as its own device call (the proposal's cache and drafter are donated)."""
         rest = state.replace(cache=None, drafter=None)
         bare = proposal._replace(cache=None, drafter=None)
         key = _shardings_key((params, weights, rest, bare, proposal.cache, proposal.drafter),
@@ -293,6 +295,7 @@ class Engine:
         return [tokens[b, starts[b]: starts[b] + counts[b]].tolist() for b in range(tokens.shape[0])]
 
     def all_done(self, state: DecodeState) -> bool:
+        """Whether every sequence has finished (read on the host)."""
         return bool(np.all(fetch(state.done_B, self.mesh)))
 
 
@@ -311,6 +314,7 @@ def _depth_stats(state: DecodeState, tree: DraftTree, path_BxP, num_accepted_B, 
 
 
 def _state_shardings(tree, mesh):
+    """See `Engine.state_shardings`."""
     if mesh is None:
         return None
     B = tree.tokens_BxS.shape[0] if isinstance(tree, DecodeState) else None
@@ -325,8 +329,9 @@ def _state_shardings(tree, mesh):
 
 
 def _place_replicated(x, mesh):
-    return x if isinstance(x, jax.Array) and not x.is_fully_addressable else to_global(
-        np.asarray(x), replicated(mesh))
+    """A carry leaf on the mesh: kept where it already is (the previous request's), else replicated from host."""
+    on_mesh = isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh
+    return x if on_mesh else to_global(np.asarray(x), replicated(mesh))
 
 
 def _out_like(tree):

@@ -14,7 +14,8 @@ from spec_jax.drafters.registry import Option
 from spec_jax.policies import POLICIES, FixedLength, LengthPolicy
 from spec_jax.trees import DraftTree, TreeTemplate
 
-LENGTH_POLICY = Option("length_policy", str, "fixed", "draft-length policy: fixed, transformers' heuristic, or SVIP entropy stop",
+LENGTH_POLICY = Option("length_policy", str, "fixed",
+                       "draft-length policy: fixed, transformers' heuristic (+2/-1), or SVIP entropy stop",
                        choices=tuple(POLICIES))
 
 # model_step(cache, tokens[B, T], positions[B, T]) -> (logits[B, V] of the last token, cache); the

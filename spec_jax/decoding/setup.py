@@ -55,9 +55,10 @@ def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> Non
                        help="decoding method (`spec-jax methods` describes each)")
     g = p.add_argument_group("method options (each applies to the methods named in its help)")
     for opt, users in registry.all_options().values():
-        defaults = sorted({str(o.default) for u in users for o in table[u].options if o.name == opt.name})
-        shown = f"default {defaults[0]}" if len(defaults) == 1 else "default: " + "; ".join(
-            f"{u} {o.default}" for u in users for o in table[u].options if o.name == opt.name)
+        per_method = {u: next(o.default for o in table[u].options if o.name == opt.name) for u in users}
+        distinct = {str(d) for d in per_method.values()}
+        shown = f"default {distinct.pop()}" if len(distinct) == 1 else "default: " + "; ".join(
+            f"{u} {d}" for u, d in per_method.items())
         text = f"{opt.help} [{', '.join(users)}; {shown}]"
         if opt.type is bool:
             g.add_argument(opt.flag, dest=opt.name, action="store_true", default=None, help=text)

@@ -1,6 +1,7 @@
 """`spec-jax generate | methods | search-skip | bench`: the command line.
 
-Errors the user can act on (`SpecJaxError`) are printed as one line and exit with status 2. Methods and
+Errors the user can act on (`SpecJaxError`, bad flags) are printed as one line and exit with status 2;
+Ctrl-C and SIGTERM print one line and exit with 130 and 143 (`spec_jax.interrupts`). Methods and
 their flags come from the method registry (`spec_jax.drafters.registry`); `generate` and `bench` name
 no method (`search-skip` is layer skipping's own tool).
 """
@@ -13,32 +14,43 @@ import sys
 import time
 from pathlib import Path
 
-from spec_jax.errors import InvalidArgumentError, SpecJaxError
+from spec_jax.checks import Range, input_file, output_file, utf8_arg
+from spec_jax.errors import InvalidArgumentError
+from spec_jax.interrupts import run_command
+from spec_jax.text import CALIBRATION_PROMPTS
 
 
 def cmd_generate(args) -> int:
     from spec_jax.decoding import generate
-    from spec_jax.decoding.setup import check_method_args, enable_compilation_cache, init_devices, prepare
-    from spec_jax.drafters.registry import Target
-    from spec_jax.models.registry import load_model, load_tokenizer
+    from spec_jax.decoding.setup import (
+        check_method_args,
+        check_model,
+        enable_compilation_cache,
+        init_devices,
+        load_target,
+        prepare,
+    )
     from spec_jax.sampling import Sampling
     from spec_jax.sharding import fetch
     from spec_jax.text import encode_prompt
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validate before loading anything
-    if not args.prompt:
-        raise InvalidArgumentError("empty prompt: pass some text with --prompt")
-    ignored = check_method_args(args.method, args)
+    # Everything that needs no weights is checked before any are loaded.
+    if not utf8_arg(args.prompt, "--prompt").strip():
+        raise InvalidArgumentError("--prompt is empty: pass some text")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    cfg = check_model(args.model, args.dtype)
+    ignored = check_method_args(args.method, args, cfg)
     if ignored:
         print(f"spec-jax: warning: --method {args.method} does not take {', '.join(ignored)}; ignored",
               file=sys.stderr)
     t0 = time.perf_counter()
     mesh = init_devices(args)
     enable_compilation_cache()
-    params, cfg = load_model(args.model, args.dtype, mesh=mesh)
-    tok = load_tokenizer(args.model)
+    _say(args, f"loading {args.model}")
+    target = load_target(args.model, args.dtype, mesh)
+    tok = target.tokenizer
     prompt = encode_prompt(tok, args.prompt, args.chat)
-    target = Target(params=params, cfg=cfg, tokenizer=tok, dtype=args.dtype, mesh=mesh)
+    _say(args, f"loaded in {time.perf_counter() - t0:.1f}s; compiling {args.method} and decoding")
     run = prepare(args.method, args, target, sampling)
     engine, budget = run.engine, run.budget
     lead = _is_lead()
@@ -60,7 +72,7 @@ def cmd_generate(args) -> int:
             printed[0] = text
 
     phases = args.json if args.phase_timing is None else args.phase_timing
-    gen = generate(engine, params, [prompt], args.max_new_tokens, seed=args.seed, weights=run.built.weights,
+    gen = generate(engine, target.params, [prompt], args.max_new_tokens, seed=args.seed, weights=run.built.weights,
                    carry=run.carry, stream=None if args.json else stream, time_phases=phases)
     ids = gen.token_ids[0]
     stats = {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "method": args.method,
@@ -75,11 +87,19 @@ def cmd_generate(args) -> int:
               f"({stats['tokens_per_second']:.1f} tok/s), tau {stats['tau']:.2f}, "
               f"{stats['target_forwards']} target forwards, first token after "
               f"{first_token_at[0] or stats['prefill_seconds']:.1f}s", file=sys.stderr)
+    sys.stdout.flush()
+    # Side files last: the results above are out even when a save fails (a clear error, non-zero exit).
     if run.built.save is not None and gen.carry is not None:
         carry = fetch(gen.carry, mesh)  # every process takes part in the gather; the lead writes
         if lead:
             run.built.save(carry)
     return 0
+
+
+def _say(args, text: str) -> None:
+    """Progress on stderr with --verbose."""
+    if args.verbose and _is_lead():
+        print(f"[spec-jax] {text}", file=sys.stderr, flush=True)
 
 
 def _is_lead() -> bool:
@@ -104,15 +124,19 @@ def cmd_search_skip(args) -> int:
     from tqdm import tqdm
 
     from spec_jax.decoding import Engine, generate
-    from spec_jax.decoding.setup import enable_compilation_cache
+    from spec_jax.decoding.setup import check_model, enable_compilation_cache, load_target
     from spec_jax.drafters.layer_skip import save_skip_set, search_skip_set
-    from spec_jax.models.registry import load_model, load_tokenizer
     from spec_jax.text import calibration_prompts
 
+    output_file(args.out, "--out")
+    cfg = check_model(args.model, args.dtype)
+    if args.max_skip is not None and args.max_skip >= cfg.num_layers:
+        raise InvalidArgumentError(f"--max-skip {args.max_skip}: the model has {cfg.num_layers} layers and at least "
+                                   f"one must remain; use at most {cfg.num_layers - 1}")
     enable_compilation_cache()
-    params, cfg = load_model(args.model, args.dtype)
-    tok = load_tokenizer(args.model)
-    prompts = calibration_prompts(tok, args.num_prompts)
+    target = load_target(args.model, args.dtype)
+    params, cfg = target.params, target.cfg
+    prompts = calibration_prompts(target.tokenizer, args.num_prompts)
     # Calibration text is the target's own greedy answers (self-distillation, no external data).
     gen = generate(Engine(cfg), params, prompts, args.calib_tokens)
     seqs = [p + o for p, o in zip(prompts, gen.token_ids, strict=True)]
@@ -120,11 +144,11 @@ def cmd_search_skip(args) -> int:
     with tqdm(total=L + (args.max_skip or L - 1) * 6, desc="skip-set search") as bar:
         result = search_skip_set(params, cfg, seqs, max_skip=args.max_skip, k=args.draft_k,
                                  progress=bar.update)
-    path = save_skip_set(result, args.out, str(args.model))
-    print(json.dumps({k: result[k] for k in ("skip", "agreement", "predicted_speedup", "beats_ar")}))
+    print(json.dumps({k: result[k] for k in ("skip", "agreement", "predicted_speedup", "beats_ar")}), flush=True)
     if not result["beats_ar"]:
         print(f"spec-jax: warning: no skip set is predicted to beat autoregressive decoding on this model; "
-              f"saved the best one found ({result['predicted_speedup']:.2f}x predicted)", file=sys.stderr)
+              f"saving the best one found ({result['predicted_speedup']:.2f}x predicted)", file=sys.stderr)
+    path = save_skip_set(result, args.out, str(args.model))
     print(f"saved to {path}", file=sys.stderr)
     return 0
 
@@ -133,26 +157,61 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """Defaults for `parser` from a YAML file of `option: value` (option names as in --help, - or _)."""
     import yaml
 
+    input_file(path, "--config")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"config file {path} not found") from None
+        data = yaml.safe_load(Path(path).read_bytes()) or {}
     except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"config file {path} is not valid YAML: {e}") from None
+        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"config file {path} must be a mapping of option: value")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest == "config":
+        if dest not in actions or dest in ("config", "help"):
             raise InvalidArgumentError(f"config file {path}: unknown option {key!r}; see --help for the options")
-        out[dest] = ",".join(map(str, value)) if isinstance(value, list) else value
+        try:
+            out[dest] = _config_value(actions[dest], value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise InvalidArgumentError(f"config file {path}: {key}: {e}") from None
     return out
 
 
+def _config_value(action: argparse.Action, value):
+    """A YAML value through the same type and choices as the flag (a list joins with commas)."""
+    if value is None:
+        raise argparse.ArgumentTypeError("has no value; give one or delete the line")
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    elif isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a single value, got a mapping {value!r}")
+    if action.type is not None:
+        value = action.type(value)
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the full usage is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="spec-jax", description=__doc__)
+    """Every command runs under `run_command`: user errors and interruptions end as one line."""
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = _Parser(prog="spec-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from spec_jax.decoding.setup import add_method_args, add_model_args, add_sampling_args
@@ -162,6 +221,7 @@ def main(argv=None) -> int:
     add_method_args(g)
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
+    g.add_argument("-v", "--verbose", action="store_true", help="report loading and compiling on stderr")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--config", help="YAML file of option defaults (configs/)")
@@ -176,10 +236,11 @@ def main(argv=None) -> int:
     s.add_argument("--model", default="smollm2-135m", help="short name, Hugging Face directory or .gguf file")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--out", required=True, help="where to write the skip-set JSON")
-    s.add_argument("--num-prompts", type=int, default=4)
-    s.add_argument("--calib-tokens", type=int, default=96, help="target tokens generated per prompt")
-    s.add_argument("--max-skip", type=int, default=None)
-    s.add_argument("--draft-k", type=int, default=4)
+    s.add_argument("--num-prompts", type=Range(int, 1, len(CALIBRATION_PROMPTS)), default=4,
+                   help="calibration prompts")
+    s.add_argument("--calib-tokens", type=Range(int, 1), default=96, help="target tokens generated per prompt")
+    s.add_argument("--max-skip", type=Range(int, 1), default=None, help="most layers skipped (default: all but one)")
+    s.add_argument("--draft-k", type=Range(int, 1), default=4, help="draft length the search assumes")
     s.set_defaults(fn=cmd_search_skip)
 
     b = sub.add_parser("bench", help="benchmark methods against our AR and Hugging Face in one run")
@@ -189,15 +250,11 @@ def main(argv=None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
-    try:
-        if getattr(args, "config", None):  # a YAML experiment config supplies defaults; flags still win
-            sub_parser = sub.choices[args.command]
-            sub_parser.set_defaults(**load_config(args.config, sub_parser))
-            args = parser.parse_args(argv)
-        return args.fn(args)
-    except SpecJaxError as e:
-        print(f"spec-jax: error: {e}", file=sys.stderr)
-        return 2
+    if getattr(args, "config", None):  # a YAML experiment config supplies defaults; flags still win
+        sub_parser = sub.choices[args.command]
+        sub_parser.set_defaults(**load_config(args.config, sub_parser))
+        args = parser.parse_args(argv)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,7 @@ class DataFormatError(SpecJaxError):
 
 class DrafterContractError(SpecJaxError):
     """A drafter does not keep to what its `DraftShape` declares (nodes, depth, target scratch slots)."""
+
+
+class OutputError(SpecJaxError):
+    """A result or side file could not be written (the message names the user's path, not a temporary file)."""

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from spec_jax.errors import OutputError
+
 
 def cache_root() -> Path:
     """The cache directory: compiled programs, converted tokenizers, measured costs (`$SPEC_JAX_CACHE`)."""
@@ -24,21 +26,27 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
     """A temporary sibling of `path` to write; renamed over `path` when the block succeeds, removed otherwise.
 
     The temporary name keeps the target's suffix. A directory target replaces any existing directory
-    of that name.
+    of that name. An `OSError` on the way (no space, no permission) becomes an `OutputError` that names
+    `path`, the file the user asked for.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         yield tmp
         if directory and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as e:  # named by the user's path, not the temporary one
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -78,7 +78,7 @@ def test_cli_reports_errors(capsys, tmp_path):
     assert main(["generate", "--prompt", "hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main(["generate", "--prompt", "", "--model", str(tmp_path)]) == 2
-    assert "empty prompt" in capsys.readouterr().err
+    assert "--prompt is empty" in capsys.readouterr().err
     assert main(["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -112,7 +112,7 @@ def test_config_files(tmp_path, capsys):
     with pytest.raises(InvalidArgumentError, match="not valid YAML"):
         load_config(str(bad), p)
     assert main(["generate", "--prompt", "x", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "missing.yaml: no such file" in capsys.readouterr().err
     # The shipped configs parse against the bench options.
     from pathlib import Path
 

@@ -116,13 +116,21 @@ def test_matrix_file_round_trip_and_errors(tmp_path, tiny):
     params, cfg = tiny
     M = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(cfg.vocab_size, 4)).astype(np.int32)
     path = save_matrix(M, tmp_path / "tr.npy")
-    np.testing.assert_array_equal(load_matrix(path), M)
+    np.testing.assert_array_equal(load_matrix(path, cfg.vocab_size, 4), M)
     other = save_matrix(M, tmp_path / "tr.bin")  # any name: np.save must not append ".npy" to the temp file
-    np.testing.assert_array_equal(load_matrix(other), M)
+    np.testing.assert_array_equal(load_matrix(other, cfg.vocab_size, 4), M)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tr.bin", "tr.npy"]  # no temporary left behind
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     with pytest.raises(DataFormatError, match="token recycling matrix"):
-        load_matrix(tmp_path / "bad.npy")
+        load_matrix(tmp_path / "bad.npy", cfg.vocab_size, 4)
+    with pytest.raises(DataFormatError, match="shape"):
+        load_matrix(path, cfg.vocab_size, 8)
+    for bad in (cfg.vocab_size, -1):
+        M2 = M.copy()
+        M2[3, 1] = bad
+        save_matrix(M2, tmp_path / "oov.npy")
+        with pytest.raises(DataFormatError, match=rf"oov.npy: token id {bad} at index \(3, 1\) is outside"):
+            load_matrix(tmp_path / "oov.npy", cfg.vocab_size, 4)
     with pytest.raises(InvalidArgumentError, match="shape"):
         generate(Engine(cfg, TokenRecycling(k=8, levels=(2,))), params, [[1, 2]], 4, carry=M)
 
@@ -260,12 +268,17 @@ def test_suffix_automaton_continuation_and_static_corpus(tmp_path):
     assert rep.continuation(rep.settle(rep.advance(rep.advance(0, 0, 5)[0], 1, 6)[0], 2), 5, wrap=True) == [
         5, 6, 5, 6, 5]
     np.save(tmp_path / "corpus.npy", np.array([9, 8, 7, 6, 5], np.int32))
-    assert load_corpus(tmp_path / "corpus.npy").text == [9, 8, 7, 6, 5]
+    assert load_corpus(tmp_path / "corpus.npy", 10).text == [9, 8, 7, 6, 5]
+    with pytest.raises(DataFormatError, match=r"corpus.npy: token id 9 at position 0 is outside .* \[0, 9\)"):
+        load_corpus(tmp_path / "corpus.npy", 9)
     np.save(tmp_path / "bad.npy", np.zeros((2, 2)))
     with pytest.raises(DataFormatError, match="1-D integer"):
-        load_corpus(tmp_path / "bad.npy")
+        load_corpus(tmp_path / "bad.npy", 10)
     with pytest.raises(DataFormatError, match="not found"):
-        load_corpus(tmp_path / "missing.npy")
+        load_corpus(tmp_path / "missing.npy", 10)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match="latin1.txt:1: the corpus is not UTF-8"):
+        load_corpus(tmp_path / "latin1.txt", 10)
 
 
 def test_sam_drafts_from_corpus_and_reports_host_time(tiny):

@@ -23,16 +23,23 @@ def _package_file(package: str, rel: str, install: str) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     """JSON objects, one a line; a malformed line is reported with its file and line number."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataFormatError(f"{path}: cannot read ({e})") from None
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{n}: malformed JSON line ({e.msg})") from e
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file to "
+                                  "UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
     return rows
 
 
@@ -40,15 +47,19 @@ def load_questions(path: str | Path) -> list[dict]:
     """A Spec-Bench `question.jsonl`: question_id, category, turns (list of str), optional reference."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"question file {path} not found")
+        raise DataFormatError(f"--dataset {path}: no such question file")
     rows = read_jsonl(path)
+    if not rows:
+        raise DataFormatError(f"question file {path} has no questions; expected JSON lines with question_id, "
+                              "category and turns")
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataFormatError(f"{path}:{n}: expected a JSON object with question_id, category and turns")
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
             raise DataFormatError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
-        row.setdefault("category", "default")
+        if not isinstance(row.setdefault("category", "default"), str):
+            raise DataFormatError(f"{path}:{n}: 'category' must be a string")
         row.setdefault("question_id", n)
     return rows
 

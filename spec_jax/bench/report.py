@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spec_jax.files import atomic_write, atomic_write_text
+
 
 def memory_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Measured copy bandwidth in GB/s (read + write counted)."""
@@ -64,7 +66,7 @@ def write_run_info(out_dir: Path, args, methods: list[str], questions: list[dict
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(),
     }
-    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -164,7 +166,7 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
         ax.set_title(title)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
+        atomic_write(out_dir / name, lambda tmp: fig.savefig(tmp, dpi=120))  # noqa: B023 (called at once)
         plt.close(fig)
         written.append(name)
 
@@ -242,7 +244,7 @@ def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
     if figs:
         lines += ["", "Plots: " + ", ".join(figs)]
     text = "\n".join(lines)
-    (out_dir / "summary.md").write_text(text + "\n")
-    (out_dir / "summary.json").write_text(json.dumps({"overall": overall, "by_category": by_cat,
-                                                      "budgets": budgets}, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "summary.md", text + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps({"overall": overall, "by_category": by_cat,
+                                                            "budgets": budgets}, indent=2, default=str) + "\n")
     return text

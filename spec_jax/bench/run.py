@@ -21,13 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from spec_jax.checks import Range, output_dir
+from spec_jax.files import atomic_write_text
+from spec_jax.interrupts import run_command
 from spec_jax.metrics import tau
 
 HF_METHODS = ("hf_ar", "hf_pld", "hf_assisted")  # transformers generate: plain, prompt lookup, assisted
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from spec_jax.decoding.setup import add_method_args, add_model_args
+    from spec_jax.decoding.setup import MAX_NEW_TOKENS, add_method_args, add_model_args
     from spec_jax.drafters.registry import methods
 
     add_model_args(p)
@@ -38,13 +41,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mtbench",
                    help="mtbench (80 questions, 2 turns), humaneval (164), or a Spec-Bench question.jsonl path")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
-    p.add_argument("--per-category", type=int, default=None, help="at most this many questions per category")
-    p.add_argument("--num-prompts", type=int, default=None, help="at most this many questions in all")
-    p.add_argument("--max-turns", type=int, default=None, help="turns per question (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--per-category", type=Range(int, 1), default=None, help="at most this many questions per category")
+    p.add_argument("--num-prompts", type=Range(int, 1), default=None, help="at most this many questions in all")
+    p.add_argument("--max-turns", type=Range(int, 1), default=None, help="turns per question (default: all)")
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=256)
     add_method_args(p, method_flag=False)
-    p.add_argument("--hf-pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for hf_pld")
+    p.add_argument("--hf-pld-tokens", type=Range(int, 1), default=10, help="prompt_lookup_num_tokens for hf_pld")
     p.add_argument("--out", default="results/bench", help="results folder")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)  # generate's flag, unused
 
 
 def peak_rss_mb() -> float:
@@ -82,20 +86,20 @@ def _question_row(q: dict, turns: list[dict]) -> dict:
 
 def _worker_ours(spec: dict) -> dict:
     from spec_jax.decoding import generate
-    from spec_jax.decoding.setup import enable_compilation_cache, init_devices, prepare
-    from spec_jax.drafters.registry import Target, load_module
+    from spec_jax.decoding.setup import enable_compilation_cache, init_devices, load_target, prepare
+    from spec_jax.drafters.registry import load_module
     from spec_jax.models import param_bytes
-    from spec_jax.models.registry import load_model, load_tokenizer
+    from spec_jax.sharding import fetch
     from spec_jax.text import encode_messages
 
     load_module(*spec["method_module"])  # methods defined outside the package register on import
     args = argparse.Namespace(**spec["method_args"])
     mesh = init_devices(args)
     enable_compilation_cache()
-    params, cfg = load_model(spec["model"], spec["dtype"], mesh=mesh)
-    tok = load_tokenizer(spec["model"])
+    target = load_target(spec["model"], spec["dtype"], mesh)
+    params, tok = target.params, target.tokenizer
     t = time.perf_counter()
-    run = prepare(spec["method"], args, Target(params=params, cfg=cfg, tokenizer=tok, dtype=spec["dtype"], mesh=mesh))
+    run = prepare(spec["method"], args, target)
     budget_seconds = time.perf_counter() - t
     engine, weights = run.engine, run.built.weights
     max_new = spec["max_new_tokens"]
@@ -119,6 +123,8 @@ def _worker_ours(spec: dict) -> dict:
         return g.token_ids[0], stats
 
     rows = list(_conversations(spec, tok, answer))
+    if run.built.save is not None and state["carry"] is not None:  # e.g. --tr-matrix: what the run learned
+        run.built.save(fetch(state["carry"], mesh))
     # Where the time goes: the first question's first turn again with drafting and verification
     # timed apart (after compiling the two halves); the speed figures above come from the fused loop.
     first = encode_messages(tok, [{"role": "user", "content": spec["questions"][0]["turns"][0]}])
@@ -153,7 +159,8 @@ def _worker_hf(spec: dict) -> dict:
     if spec["method"] == "hf_pld":
         extra = {"prompt_lookup_num_tokens": spec["method_args"]["hf_pld_tokens"]}
     elif spec["method"] == "hf_assisted":
-        extra = {"assistant_model": _hf_model(_export_draft(spec))}
+        with tempfile.TemporaryDirectory(prefix="spec-jax-draft-") as tmp:  # removed even on Ctrl-C
+            extra = {"assistant_model": _hf_model(_export_draft(spec, Path(tmp)))}
     max_new = spec["max_new_tokens"]
     t = time.perf_counter()
     with torch.no_grad():
@@ -186,7 +193,7 @@ def _hf_model(path: Path):
     return model.eval()
 
 
-def _export_draft(spec: dict) -> Path:
+def _export_draft(spec: dict, tmp: Path) -> Path:
     """The draft model for `hf_assisted` in HF format: `--draft-model`, or the same stand-in `draft` uses
     (the target's first `--draft-layers` layers), exported with `models.export_hf`."""
     from spec_jax.drafters.registry import options_for
@@ -201,7 +208,7 @@ def _export_draft(spec: dict) -> Path:
             return path
     params, cfg = load_model(spec["model"], "float32")
     dparams, dcfg = truncate(params, cfg, a.draft_layers)
-    return export_hf(dparams, dcfg, Path(tempfile.mkdtemp(prefix="spec-jax-draft-")) / "draft")
+    return export_hf(dparams, dcfg, tmp / "draft")
 
 
 def _device() -> dict:
@@ -212,62 +219,118 @@ def _device() -> dict:
 
 
 def _run_worker(spec: dict) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
+    """Run one method in its own process (the spec goes in on stdin, the result comes back in a file).
+
+    On Ctrl-C the worker, in the same process group, stops by itself; on a SIGTERM sent to this process
+    alone it is passed on. Either way the worker is waited for, so it leaves nothing half-written.
+    """
+    from spec_jax.errors import SpecJaxError
+    from spec_jax.interrupts import interrupted
+
     out = Path(spec["out_file"])
-    proc = subprocess.run([sys.executable, "-m", "spec_jax.bench.run", "--worker", f.name],
-                          stdout=sys.stderr, stderr=sys.stderr)
-    os.unlink(f.name)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {spec['entry']} failed (exit {proc.returncode}); its error is above")
-    result = json.loads(out.read_text())
-    out.unlink()
-    return result
+    proc = subprocess.Popen([sys.executable, "-m", "spec_jax.bench.run", "--worker"], stdin=subprocess.PIPE,
+                            stdout=sys.stderr, stderr=sys.stderr, text=True)
+    try:
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+        code = proc.wait()
+    except BaseException:
+        if proc.poll() is None and interrupted() is not None:
+            proc.send_signal(interrupted())  # ignored by a worker already stopping on the same signal
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    finally:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+    try:
+        if code != 0:
+            raise SpecJaxError(f"the benchmark of {spec['entry']} failed (exit {code}); its error is above")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- driver
 
 def parse_method(entry: str) -> tuple[str, dict]:
     """`name/option=value/...`: a method with its own settings, e.g. `token_recycling/budget=auto`."""
-    from spec_jax.drafters.registry import methods
+    from spec_jax.drafters.registry import all_options, methods
     from spec_jax.errors import InvalidArgumentError
 
     name, *opts = entry.split("/")
     names = (*methods(), *HF_METHODS)
     if name not in names:
-        raise InvalidArgumentError(f"unknown method {name!r} in {entry!r}; valid methods: {', '.join(names)}")
+        raise InvalidArgumentError(f"--methods: unknown method {name!r} in {entry!r}; valid methods: "
+                                   f"{', '.join(names)}")
+    settable = (*all_options(), "budget", "verify")
     overrides = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
-        if not sep:
-            raise InvalidArgumentError(f"method entry {entry!r}: expected name/option=value, got {opt!r}")
-        overrides[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--methods entry {entry!r}: expected name/option=value, got {opt!r}")
+        if key not in settable:
+            raise InvalidArgumentError(f"--methods entry {entry!r}: unknown option {key!r}; per-method options are "
+                                       "those of `spec-jax methods`, budget and verify")
+        overrides[key] = value
     return name, overrides
 
 
-def cmd_bench(args) -> int:
-    from spec_jax.bench import report
-    from spec_jax.bench.datasets import load_dataset, select
-    from spec_jax.decoding.setup import check_method_args
-    from spec_jax.drafters.registry import methods as registered
-    from spec_jax.errors import InvalidArgumentError
-    from spec_jax.models.registry import load_tokenizer
-    from spec_jax.text import encode_messages
+def check_bench(args) -> tuple[list[str], dict, list[dict], object]:
+    """Everything a bench can check before running anything: the output folder, the model's files, every
+    method entry (options, files, against the model's config), the questions and the tokenizer.
+    Returns (entries, parsed entries, questions, tokenizer)."""
+    import importlib.util
 
+    from spec_jax.bench.datasets import load_dataset, select
+    from spec_jax.decoding.setup import check_method_args, check_model
+    from spec_jax.decoding.verify import VERIFY_MODES
+    from spec_jax.drafters.registry import validate
+    from spec_jax.errors import InvalidArgumentError, SpecJaxError
+    from spec_jax.models.registry import check_tokenizer_fits, load_tokenizer
+
+    output_dir(args.out, "--out")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    parsed = {m: parse_method(m) for m in methods}  # refuse a bad entry before any work
-    for m, (_, overrides) in parsed.items():
-        unknown = [k for k in overrides if k not in vars(args)]
-        if unknown:
-            raise InvalidArgumentError(f"method entry {m!r}: unknown option {unknown[0]!r}; "
-                                       "see `spec-jax bench --help`")
-        if parsed[m][0] not in HF_METHODS:
-            check_method_args(parsed[m][0], argparse.Namespace(**{**vars(args), **overrides}))
-    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    if not methods:
+        raise InvalidArgumentError("--methods is empty; name at least one method (e.g. ar,pld)")
+    if len(set(methods)) != len(methods):
+        raise InvalidArgumentError(f"--methods names {next(m for m in methods if methods.count(m) > 1)!r} twice")
+    parsed = {m: parse_method(m) for m in methods}
+    cfg = check_model(args.model, args.dtype)
+    for m, (name, overrides) in parsed.items():
+        values = argparse.Namespace(**{**vars(args), **overrides})
+        try:
+            if values.verify not in VERIFY_MODES:
+                raise InvalidArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {values.verify!r}")
+            if name in HF_METHODS:
+                if importlib.util.find_spec("torch") is None:
+                    raise InvalidArgumentError("the Hugging Face peers need PyTorch; install them with "
+                                               "`pip install -e .[peers]`")
+                if name == "hf_assisted":
+                    validate("draft", vars(values), cfg)
+            else:
+                check_method_args(name, values, cfg)
+        except SpecJaxError as e:
+            raise type(e)(f"--methods entry {m!r}: {e}") from None
+    cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select(load_dataset(args.dataset), cats, args.per_category, args.num_prompts)
     if not questions:
         raise InvalidArgumentError("no questions selected; check --categories, --per-category and --num-prompts")
     tok = load_tokenizer(args.model)
+    check_tokenizer_fits(tok, cfg, args.model)
+    return methods, parsed, questions, tok
+
+
+def cmd_bench(args) -> int:
+    from spec_jax.bench import report
+    from spec_jax.drafters.registry import methods as registered
+    from spec_jax.errors import SpecJaxError
+    from spec_jax.text import encode_messages
+
+    methods, parsed, questions, tok = check_bench(args)
     turns = args.max_turns or max(len(q["turns"]) for q in questions)
     # Room for later turns: the earlier turns' text and answers are part of their prompts.
     longest = max(len(encode_messages(tok, [{"role": "user", "content": "\n".join(q["turns"][:turns])}]))
@@ -287,10 +350,15 @@ def cmd_bench(args) -> int:
                 "questions": questions,
                 "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,
                 "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
-        results[m] = _run_worker(spec)
-        with open(out_dir / f"{_slug(m)}.jsonl", "w") as f:
-            for row in results[m]["rows"]:
-                f.write(json.dumps({"method": m, **row}) + "\n")
+        try:
+            results[m] = _run_worker(spec)
+        except SpecJaxError as e:
+            if results:  # what finished is kept: its rows are written, and the summary covers it
+                print(report.write_report(out_dir, results, greedy=True))
+                raise type(e)(f"{e}; the summary of {', '.join(results)} is in {out_dir / 'summary.md'}") from None
+            raise
+        atomic_write_text(out_dir / f"{_slug(m)}.jsonl",
+                          "".join(json.dumps({"method": m, **row}) + "\n" for row in results[m]["rows"]))
     text = report.write_report(out_dir, results, greedy=True)
     print(text)
     return 0
@@ -300,15 +368,19 @@ def _slug(entry: str) -> str:
     return entry.replace("/", "_").replace("=", "-")
 
 
-def _worker_main(spec_file: str) -> int:
-    spec = json.loads(Path(spec_file).read_text())
+def _worker_main() -> int:
+    spec = json.loads(sys.stdin.read())
     fn = _worker_hf if spec["method"] in HF_METHODS else _worker_ours
-    result = fn(spec)
-    Path(spec["out_file"]).write_text(json.dumps(result))
-    return 0
+
+    def body():
+        atomic_write_text(spec["out_file"], json.dumps(fn(spec)))
+        return 0
+
+    # Interrupted quietly: the driver, in the same process group, reports it.
+    return run_command(body, prog=f"spec-jax bench ({spec['entry']})", quiet=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2]))
-    sys.exit("usage: python -m spec_jax.bench.run --worker SPEC.json (use `spec-jax bench`)")
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(_worker_main())
+    sys.exit("usage: python -m spec_jax.bench.run --worker < SPEC.json (use `spec-jax bench`)")

@@ -108,18 +108,19 @@ class Engine:
         if len(prompt_lens) == 0 or min(prompt_lens) == 0:
             raise InvalidArgumentError("empty prompt: give at least one token of text")
         if max_new < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new}")
+            raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {max_new}")
         need = max(prompt_lens) + max_new + self.scratch
         if need > cache_size:
             raise CacheOverflowError(
                 f"prompt of {max(prompt_lens)} tokens + {max_new} new tokens + a draft step writing "
                 f"{self.scratch} slots needs {need} cache slots, but the cache has "
-                f"{cache_size}; shorten the prompt, lower max_new_tokens or the draft budget"
+                f"{cache_size}; shorten the prompt, lower --max-new-tokens or the draft budget"
             )
         if need > self.cfg.max_position_embeddings:
             raise CacheOverflowError(
-                f"prompt + generation needs {need} positions but the model supports "
-                f"{self.cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens"
+                f"the prompt ({max(prompt_lens)} tokens) + --max-new-tokens {max_new} + a draft step's {self.scratch} "
+                f"slots need {need} positions but the model supports {self.cfg.max_position_embeddings}; "
+                "shorten the prompt or lower --max-new-tokens"
             )
 
     def pad_prompts(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,9 @@ import jax
 from spec_jax.decoding.budget import apply_budget, parse_budget
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.verify import VERIFY_MODES
+from spec_jax.checks import Range
 from spec_jax.drafters import registry
+from spec_jax.errors import InvalidArgumentError
 from spec_jax.files import cache_root
 from spec_jax.sampling import Sampling
 from spec_jax.sharding import parse_mesh
@@ -43,8 +45,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="multi-host: call jax.distributed.initialize() first (auto-detected on Cloud TPU; "
                         "elsewhere give --coordinator, --num-processes and --process-id)")
     m.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
-    m.add_argument("--num-processes", type=int, help="processes in the job (with --distributed)")
-    m.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
+    m.add_argument("--num-processes", type=Range(int, 1), help="processes in the job (with --distributed)")
+    m.add_argument("--process-id", type=Range(int, 0), help="this process's index (with --distributed)")
 
 
 def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> None:
@@ -63,8 +65,9 @@ def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> Non
         if opt.type is bool:
             g.add_argument(opt.flag, dest=opt.name, action="store_true", default=None, help=text)
         else:
-            g.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, choices=opt.choices, help=text)
-    g.add_argument("--budget", default=None,
+            g.add_argument(opt.flag, dest=opt.name, type=opt.convert, default=None, choices=opt.choices,
+                           help=text)
+    g.add_argument("--budget", default=None, type=_budget,
                    help="tree size of methods with a prunable static tree: a node count, or 'auto' to measure this "
                         "device's verification cost and the drafter's acceptance on calibration prompts")
     g.add_argument("--verify", default="lossless", choices=VERIFY_MODES,
@@ -72,12 +75,24 @@ def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> Non
                         "no longer the target's distribution)")
 
 
+def _budget(text: str) -> str:
+    try:
+        parse_budget(text)
+    except InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--budget ")) from None
+    return text
+
+
+MAX_NEW_TOKENS = Range(int, 1)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=256)
+    p.add_argument("--temperature", type=Range(float, 0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=Range(int, 0), default=0, help="keep the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=Range(float, 0.0, 1.0, min_open=True), default=1.0,
+                   help="nucleus sampling mass (1 = all)")
+    p.add_argument("--seed", type=Range(int, 0, 2**31 - 1), default=0)
 
 
 def method_values(args) -> dict:
@@ -95,14 +110,35 @@ def init_devices(args):
     return parse_mesh(getattr(args, "mesh", None))
 
 
-def check_method_args(name: str, args) -> list[str]:
-    """Validate the method's options and the budget before anything is loaded; returns the flags the user
-    set that method `name` does not take (to warn about)."""
-    registry.options_for(name, method_values(args))
+def check_model(model, dtype: str = "float32"):
+    """The model's Config from its header, once its files are known to be there (weights and tokenizer);
+    the method checks run against it before any weights are loaded."""
+    from spec_jax.models.registry import check_tokenizer_files, load_config
+
+    cfg = load_config(model, dtype)
+    check_tokenizer_files(model)
+    return cfg
+
+
+def check_method_args(name: str, args, cfg=None) -> list[str]:
+    """Validate method `name`'s options (types, ranges, files; against the model's Config when given) and
+    the budget before any weights are loaded; returns the flags the user set that the method does not take
+    (to warn about)."""
+    registry.validate(name, method_values(args), cfg)
     parse_budget(getattr(args, "budget", None))
     own = {o.name for o in registry.get(name).options}
     table = registry.all_options()
     return [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]
+
+
+def load_target(model, dtype: str, mesh=None) -> registry.Target:
+    """Tokenizer (checked against the model's vocabulary first), then the weights into their shards on `mesh`."""
+    from spec_jax.models.registry import check_tokenizer_fits, load_config, load_model, load_tokenizer
+
+    tok = load_tokenizer(model)
+    check_tokenizer_fits(tok, load_config(model, dtype), model)
+    params, cfg = load_model(model, dtype, mesh=mesh)
+    return registry.Target(params=params, cfg=cfg, tokenizer=tok, dtype=dtype, mesh=mesh)
 
 
 @dataclasses.dataclass

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 
 from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepContext, StepResult
 from spec_jax.drafters.chain import LENGTH_POLICY, ChainDrafter, draft_chain
-from spec_jax.drafters.dynamic_tree import TREE_OPTIONS, DynamicTree, draft_dynamic_tree
+from spec_jax.drafters.dynamic_tree import TREE_OPTIONS, DynamicTree, check_tree, draft_dynamic_tree
 from spec_jax.drafters.registry import Built, Option, register
-from spec_jax.errors import TokenizerMismatchError
+from spec_jax.errors import InvalidArgumentError, TokenizerMismatchError
 from spec_jax.models import Config, commit, forward, init_cache, truncate
 from spec_jax.policies import make_policy
 
@@ -124,8 +124,24 @@ class DraftModelTree(_DraftModelBase, Drafter):
 DRAFT_OPTIONS = (
     Option("draft_model", str, None, "draft model (short name, HF directory or .gguf) with the target's "
            "tokenizer; default: the target's first --draft-layers layers as a stand-in"),
-    Option("draft_layers", int, 8, "layers of the stand-in draft model (when --draft-model is not given)"),
+    Option("draft_layers", int, 8, "layers of the stand-in draft model (when --draft-model is not given)", min=1),
 )
+
+
+def check_draft(opts, cfg) -> None:
+    """`--draft-model` exists and shares the target's vocabulary (read from its header); a stand-in has at
+    most the target's layers."""
+    from spec_jax.models.registry import load_config
+
+    if opts.draft_model:
+        dcfg = load_config(opts.draft_model)
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise TokenizerMismatchError(
+                f"--draft-model {opts.draft_model}: its vocabulary has {dcfg.vocab_size} tokens, the target's "
+                f"{cfg.vocab_size}; speculative decoding needs a draft model with the target's tokenizer")
+    elif opts.draft_layers > cfg.num_layers:
+        raise InvalidArgumentError(f"--draft-layers {opts.draft_layers}: the target has only {cfg.num_layers} "
+                                   "layers to take the stand-in draft model from")
 
 
 def load_draft(opts, target):
@@ -140,14 +156,20 @@ def load_draft(opts, target):
 
 
 @register("draft", "a separate draft model (same tokenizer) drafts a chain; adaptive length policies",
-          options=(*DRAFT_OPTIONS, Option("draft_k", int, 5, "maximum draft length"), LENGTH_POLICY))
+          options=(*DRAFT_OPTIONS, Option("draft_k", int, 5, "maximum draft length", min=1), LENGTH_POLICY),
+          check=check_draft)
 def build_draft(opts, target) -> Built:
     weights, dcfg = load_draft(opts, target)
     return Built(DraftModel(draft_cfg=dcfg, policy=make_policy(opts.length_policy, opts.draft_k)), weights=weights)
 
 
+def _check_draft_tree(opts, cfg) -> None:
+    check_draft(opts, cfg)
+    check_tree(opts)
+
+
 @register("draft_tree", "the draft model grows a dynamic tree (EAGLE-2 expansion and reranking)",
-          options=(*DRAFT_OPTIONS, *TREE_OPTIONS))
+          options=(*DRAFT_OPTIONS, *TREE_OPTIONS), check=_check_draft_tree)
 def build_draft_tree(opts, target) -> Built:
     weights, dcfg = load_draft(opts, target)
     tree = DynamicTree(depth=opts.tree_depth, width=opts.tree_width, k=opts.tree_k, budget=opts.tree_budget,

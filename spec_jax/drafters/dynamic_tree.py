@@ -156,10 +156,22 @@ def _tree(tokens_BxN, parents_BxN, depth_BxN, q) -> DraftTree:
 
 
 TREE_OPTIONS = (
-    Option("tree_depth", int, 4, "levels of the dynamic tree"),
-    Option("tree_width", int, 4, "nodes expanded per level"),
-    Option("tree_k", int, 4, "children per expanded node"),
-    Option("tree_budget", int, 12, "nodes kept for verification"),
+    Option("tree_depth", int, 4, "levels of the dynamic tree", min=1),
+    Option("tree_width", int, 4, "nodes expanded per level", min=1),
+    Option("tree_k", int, 4, "children per expanded node", min=1),
+    Option("tree_budget", int, 12, "nodes kept for verification", min=1),
     Option("sampled_children", bool, False, "draw children i.i.d. from the draft (recursive rejection "
            "sampling) instead of its top-k; keeps the whole expansion"),
 )
+
+
+def check_tree(opts) -> None:
+    """The tree options agree with one another (`DynamicTree`'s constraints, named by their flags)."""
+    if opts.tree_width > opts.tree_k:
+        raise InvalidArgumentError(f"--tree-width {opts.tree_width} > --tree-k {opts.tree_k}: the first level has "
+                                   "only --tree-k candidates to expand")
+    n = DynamicTree(depth=opts.tree_depth, width=opts.tree_width, k=opts.tree_k, sampled=True).num_candidates
+    if opts.tree_budget > n and not opts.sampled_children:
+        raise InvalidArgumentError(
+            f"--tree-budget {opts.tree_budget} exceeds the {n} candidates that --tree-depth {opts.tree_depth}, "
+            f"--tree-width {opts.tree_width} and --tree-k {opts.tree_k} produce; lower it or grow the tree")

@@ -157,25 +157,46 @@ def load_skip_set(path: str | os.PathLike, cfg: Config) -> tuple[tuple[int, ...]
     if not path.is_file():
         raise DataFormatError(f"{path}: no such skip-set file; create one with `spec-jax search-skip`")
     try:
-        data = json.loads(path.read_text())
-        skip = tuple(int(i) for i in data["skip"])
-        k = int(data.get("k", 4))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataFormatError(f"{path}: not a skip-set file ({e}); expected JSON with a 'skip' list") from e
+        data = json.loads(path.read_bytes())
+        skip = tuple(_index(i) for i in data["skip"])
+        k = _index(data.get("k", 4))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a skip-set file ({e}); expected JSON with a 'skip' list of "
+                              "layer indices") from None
     if data.get("num_layers", cfg.num_layers) != cfg.num_layers:
         raise DataFormatError(f"{path}: skip set is for a {data['num_layers']}-layer model, "
                               f"this model has {cfg.num_layers} layers")
+    bad = [i for i in skip if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise DataFormatError(f"{path}: layer {bad[0]} is outside this model's layers [0, {cfg.num_layers})")
+    if len(set(skip)) != len(skip) or len(skip) >= cfg.num_layers:
+        raise DataFormatError(f"{path}: the skip set must name distinct layers and keep at least one of the "
+                              f"model's {cfg.num_layers}")
+    if k < 1:
+        raise DataFormatError(f"{path}: draft length k must be >= 1, got {k}")
     return skip, k
+
+
+def _index(value) -> int:
+    """A JSON integer (not a bool, not a fractional number)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _check(opts, cfg: Config) -> None:
+    if not opts.skip_file:
+        raise InvalidArgumentError("--method layer_skip needs --skip-file; create one with "
+                                   "`spec-jax search-skip --out skip.json`")
+    load_skip_set(opts.skip_file, cfg)
 
 
 @register("layer_skip", "self-speculative: the target drafts with a searched subset of its layers "
           "(`spec-jax search-skip`)",
-          options=(Option("skip_file", str, None, "skip-set JSON written by `spec-jax search-skip`"),
-                   Option("draft_k", int, None, "maximum draft length (default: the k saved with the skip set)"),
-                   LENGTH_POLICY))
+          options=(Option("skip_file", str, None, "skip-set JSON written by `spec-jax search-skip`", path="read"),
+                   Option("draft_k", int, None, "maximum draft length (default: the k saved with the skip set)",
+                          min=1),
+                   LENGTH_POLICY), check=_check)
 def build(opts, target) -> Built:
-    if not opts.skip_file:
-        raise InvalidArgumentError("--method layer_skip needs --skip-file; create one with "
-                                   "`spec-jax search-skip --out skip.json`")
     skip, k = load_skip_set(opts.skip_file, target.cfg)
     return Built(LayerSkip(skip=skip, policy=make_policy(opts.length_policy, opts.draft_k or k)))

@@ -174,9 +174,9 @@ def candidate_trie(cand_BxGxL: jax.Array, used_BxG: jax.Array):
 
 @register("lookahead", "Lookahead decoding: Jacobi iteration fills an n-gram pool; pooled n-grams are verified "
           "in the same forward",
-          options=(Option("la_window", int, 4, "Jacobi window W (columns)"),
-                   Option("la_ngram", int, 4, "n-gram size N (the window keeps N-1 levels)"),
-                   Option("la_candidates", int, 4, "n-grams verified per step G"),
+          options=(Option("la_window", int, 4, "Jacobi window W (columns)", min=1),
+                   Option("la_ngram", int, 4, "n-gram size N (the window keeps N-1 levels)", min=2),
+                   Option("la_candidates", int, 4, "n-grams verified per step G", min=1),
                    Option("la_no_prompt_ngrams", bool, False, "start the n-gram pool empty (the paper) instead of "
                           "seeding it with the prompt's")))
 def build(opts, target) -> Built:

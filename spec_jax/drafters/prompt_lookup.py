@@ -69,9 +69,16 @@ class PromptLookup(TemplateDrafter):
         return self.template.build(draft_BxK, valid_BxN=valid_BxK), state, ctx.cache
 
 
+def _check(opts, cfg) -> None:
+    if opts.ngram_min > opts.ngram_max:
+        raise InvalidArgumentError(f"--ngram-min {opts.ngram_min} > --ngram-max {opts.ngram_max}: the shortest "
+                                   "n-gram cannot be longer than the longest")
+
+
 @register("pld", "prompt lookup: draft what followed the latest earlier occurrence of the last n tokens",
-          options=(Option("draft_k", int, 5, "maximum draft length"),
-                   Option("ngram_max", int, 3, "longest n-gram looked up"),
-                   Option("ngram_min", int, 1, "shortest n-gram looked up")))
+          options=(Option("draft_k", int, 5, "maximum draft length", min=1),
+                   Option("ngram_max", int, 3, "longest n-gram looked up", min=1),
+                   Option("ngram_min", int, 1, "shortest n-gram looked up", min=1)),
+          check=_check)
 def build(opts, target) -> Built:
     return Built(PromptLookup(k=opts.draft_k, max_ngram=opts.ngram_max, min_ngram=opts.ngram_min))

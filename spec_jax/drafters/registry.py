@@ -18,6 +18,7 @@ one flag for it whose default is "the method's own".
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -29,42 +30,66 @@ from importlib import metadata
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+from spec_jax.checks import Range, input_file, output_file
 from spec_jax.errors import InvalidArgumentError
+
+
+PATH_KINDS = ("read", "write", "read_write")
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One setting of a method: `--name-with-dashes` on the command line, `name` in configs and code."""
+    """One setting of a method: `--name-with-dashes` on the command line, `name` in configs and code.
+
+    `min`/`max` bound a number (checked before anything loads, the message naming the flag). `path`
+    marks a file option: "read" (must exist), "write" (written after the run: its folder must be
+    writable) or "read_write" (read if it exists, written after the run).
+    """
 
     name: str
     type: type = int
     default: Any = None
     help: str = ""
     choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    path: str | None = None
+
+    def __post_init__(self):
+        if self.path not in (None, *PATH_KINDS):
+            raise ValueError(f"option {self.name!r}: path must be one of {PATH_KINDS}, got {self.path!r}")
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def convert(self, value):
+        """`value` (a flag's text, a config's value) as this option's type, within its range and choices;
+        `argparse.ArgumentTypeError` otherwise (the `type` of this option's flag)."""
+        if self.type is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+        if self.type in (int, float):
+            out = Range(self.type, self.min, self.max)(value)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            out = self.type(value)
+        else:
+            raise argparse.ArgumentTypeError(f"expected a {self.type.__name__}, got {value!r}")
+        if self.choices is not None and out not in self.choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, self.choices))}, got {out!r}")
+        return out
+
     def parse(self, value, method: str):
-        """`value` converted to this option's type, or a clear error naming the flag."""
+        """`convert`, with a clear error naming the flag and the method (None stays None)."""
         if value is None:
             return None
         try:
-            if self.type is bool:
-                if isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(value)
-                    value = value.lower() in ("true", "1", "yes")
-                out = bool(value)
-            else:
-                out = self.type(value)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"{self.flag} (method {method}) takes a {self.type.__name__}, "
-                                       f"got {value!r}") from None
-        if self.choices is not None and out not in self.choices:
-            raise InvalidArgumentError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {out!r}")
-        return out
+            return self.convert(value)
+        except argparse.ArgumentTypeError as e:
+            raise InvalidArgumentError(f"{self.flag} (method {method}): {e}") from None
 
 
 class Target(NamedTuple):
@@ -94,6 +119,7 @@ class Method:
     description: str
     options: tuple[Option, ...]
     build: Callable[[SimpleNamespace, Target], Built]
+    check: Callable[[SimpleNamespace, Any], None] | None  # (opts, model Config): refuse bad values before loading
     module: str  # imported by benchmark workers before the lookup (methods defined outside the package)
     source: str | None = None  # the module's file, for workers where `module` is not importable by name
 
@@ -102,15 +128,21 @@ _METHODS: dict[str, Method] = {}
 _discovered = False
 
 
-def register(name: str, description: str, options: tuple[Option, ...] = ()):
-    """Decorator: register `build(opts, target) -> Built` as method `name`."""
+def register(name: str, description: str, options: tuple[Option, ...] = (),
+             check: Callable[[SimpleNamespace, Any], None] | None = None):
+    """Decorator: register `build(opts, target) -> Built` as method `name`.
+
+    `check(opts, cfg)`, if given, refuses what the options' own ranges cannot see (one option against
+    another, an input file's contents against the model's `Config`) before any weights are loaded;
+    its errors name the flags. The builder may assume it passed.
+    """
     def deco(build):
         source = getattr(sys.modules.get(build.__module__), "__file__", None)
         old = _METHODS.get(name)
         if old is not None and old.module != build.__module__:
             raise ValueError(f"method {name!r} is registered twice: by {old.module} and by {build.__module__}")
         _METHODS[name] = Method(name=name, description=description, options=tuple(options), build=build,
-                                module=build.__module__, source=source)
+                                check=check, module=build.__module__, source=source)
         return build
     return deco
 
@@ -181,9 +213,28 @@ def options_for(name: str, values: dict) -> SimpleNamespace:
                               for o in m.options})
 
 
+def validate(name: str, values: dict, cfg=None) -> SimpleNamespace:
+    """Every check of method `name` that needs no weights: the options' types and ranges, their files
+    (existing, or in a writable folder), then the method's own `check` against the model's config (when
+    `cfg` is given). Returns the options."""
+    m = get(name)
+    opts = options_for(name, values)
+    for o in m.options:
+        value = getattr(opts, o.name)
+        if o.path is None or value is None:
+            continue
+        if o.path == "read" or (o.path == "read_write" and os.path.exists(value)):
+            input_file(value, o.flag)
+        if o.path in ("write", "read_write"):
+            output_file(value, o.flag)
+    if cfg is not None and m.check is not None:
+        m.check(opts, cfg)
+    return opts
+
+
 def build(name: str, values: dict, target: Target) -> Built:
     """Build method `name` from option values for the target model."""
-    built = get(name).build(options_for(name, values), target)
+    built = get(name).build(validate(name, values, target.cfg), target)
     if not isinstance(built, Built):
         raise TypeError(f"the builder of method {name!r} returned {type(built).__name__}, expected Built")
     return built

@@ -41,6 +41,7 @@ from spec_jax.drafters.token_recycling import (
     fill_template,
     recycling_settings,
 )
+from spec_jax.checks import read_utf8, token_ids_in_range
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.trees import TreeTemplate
 
@@ -192,16 +193,26 @@ class SAMHost:
         return draft, valid, match
 
 
-def load_corpus(path: str | Path, tokenizer=None) -> SuffixAutomaton:
-    """A static corpus automaton from token ids (.npy, 1-D integers) or text (.txt, needs a tokenizer)."""
+def read_corpus(path: str | Path, vocab_size: int, tokenizer=None) -> list[int] | None:
+    """A corpus file's token ids: a .npy of 1-D integers within [0, vocab_size), or UTF-8 text
+    (tokenized when `tokenizer` is given, else only checked and None returned)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataFormatError(f"corpus file {path} not found")
     if path.suffix == ".npy":
-        return SuffixAutomaton(load_int_array(path, 1, ".npy array of token ids").tolist())
-    if tokenizer is None:
+        ids = load_int_array(path, 1, ".npy array of token ids")
+        token_ids_in_range(ids, vocab_size, str(path), "; the corpus was tokenized for another model")
+        return ids.tolist()
+    text = read_utf8(path, "the corpus")
+    return tokenizer(text).input_ids if tokenizer is not None else None
+
+
+def load_corpus(path: str | Path, vocab_size: int, tokenizer=None) -> SuffixAutomaton:
+    """A static corpus automaton from token ids (.npy, 1-D integers) or text (.txt, needs a tokenizer)."""
+    ids = read_corpus(path, vocab_size, tokenizer)
+    if ids is None:
         raise InvalidArgumentError(f"{path}: a text corpus needs the model's tokenizer")
-    return SuffixAutomaton(tokenizer(path.read_text(encoding="utf-8")).input_ids)
+    return SuffixAutomaton(ids)
 
 
 def _host_draft(host: SAMHost, ctx: StepContext, k: int, corpus_bias: int):
@@ -276,28 +287,42 @@ class SAMTokenRecycling(TokenRecycling):
         return tmpl.build(tokens_BxN, valid_BxN=distinct_siblings(tokens_BxN, tmpl.parents)), state, ctx.cache
 
 
-SAM_CORPUS = Option("sam_corpus", str, None, "static corpus to retrieve from too: token ids (.npy) or text (.txt)")
+SAM_CORPUS = Option("sam_corpus", str, None, "static corpus to retrieve from too: token ids (.npy) or text (.txt)",
+                    path="read")
 
 
 def _host(opts, target) -> SAMHost:
-    return SAMHost(load_corpus(opts.sam_corpus, target.tokenizer) if opts.sam_corpus else None)
+    return SAMHost(load_corpus(opts.sam_corpus, target.cfg.vocab_size, target.tokenizer) if opts.sam_corpus
+                   else None)
+
+
+def _check_corpus(opts, cfg) -> None:
+    if opts.sam_corpus:
+        read_corpus(opts.sam_corpus, cfg.vocab_size)
+
+
+def _check_sam_tr(opts, cfg) -> None:
+    _check_corpus(opts, cfg)
+    check_recycling(opts, cfg)
 
 
 @register("sam", "SAM decoding: a suffix automaton (host) over the prompt, the output and an optional corpus "
           "drafts the continuation of the longest earlier match",
-          options=(Option("draft_k", int, 6, "maximum draft length"),
-                   Option("sam_min_match", int, 1, "shortest match that drafts"), SAM_CORPUS))
+          options=(Option("draft_k", int, 6, "maximum draft length", min=1),
+                   Option("sam_min_match", int, 1, "shortest match that drafts", min=1), SAM_CORPUS),
+          check=_check_corpus)
 def build_sam(opts, target) -> Built:
     return Built(SuffixAutomatonDrafter(k=opts.draft_k, min_match=opts.sam_min_match, host_state=_host(opts, target)))
 
 
 @register("sam_tr", "SAM decoding on Token Recycling's tree: long matches on its top path, recycled "
           "successors elsewhere",
-          options=(Option("draft_k", int, 8, "depth of the retrieval path"),
-                   Option("sam_min_match", int, 4, "shortest match that drafts (below it: Token Recycling alone)"),
-                   SAM_CORPUS, *TR_OPTIONS))
+          options=(Option("draft_k", int, 8, "depth of the retrieval path", min=1),
+                   Option("sam_min_match", int, 4, "shortest match that drafts (below it: Token Recycling alone)",
+                          min=1),
+                   SAM_CORPUS, *TR_OPTIONS), check=_check_sam_tr)
 def build_sam_tr(opts, target) -> Built:
-    levels, matrix, save = recycling_settings(opts)
+    levels, matrix, save = recycling_settings(opts, target.cfg)
     drafter = SAMTokenRecycling(k=opts.tr_k, levels=levels, sam_k=opts.draft_k, min_match=opts.sam_min_match,
                                 host_state=_host(opts, target))
     return Built(drafter, carry=matrix, save=save)

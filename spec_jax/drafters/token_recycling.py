@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spec_jax.checks import token_ids_in_range
 from spec_jax.drafters.base import StepContext, StepResult, TemplateDrafter, load_int_array
 from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import DataFormatError, InvalidArgumentError
@@ -150,33 +151,61 @@ def save_matrix(M, path: str | os.PathLike) -> Path:
     return atomic_write(path, write)
 
 
-def load_matrix(path: str | os.PathLike) -> np.ndarray:
-    return load_int_array(path, 2, "token recycling matrix [vocab, k]", "; delete it to start from zeros")
+def load_matrix(path: str | os.PathLike, vocab_size: int, k: int) -> np.ndarray:
+    """A saved matrix, refused unless it is [vocab_size, k] of ids within the vocabulary (an id outside it
+    would index past the model's embedding table: the draft would be garbage and the matrix update
+    dropped, never an error)."""
+    hint = "; delete it to start from zeros"
+    M = load_int_array(path, 2, "token recycling matrix [vocab, k]", hint)
+    if M.shape != (vocab_size, k):
+        raise DataFormatError(f"{path}: token recycling matrix has shape {M.shape}, expected ({vocab_size}, {k}) "
+                              f"for this model and --tr-k {k}; pass the matching --tr-k or delete the file")
+    token_ids_in_range(M, vocab_size, str(path), hint)
+    return M
 
 
 # ----------------------------------------------------------------------------- registry
 
 TR_OPTIONS = (
-    Option("tr_k", int, 8, "successors kept per token (columns of the matrix)"),
+    Option("tr_k", int, 8, "successors kept per token (columns of the matrix)", min=1),
     Option("tr_levels", str, ",".join(map(str, DEFAULT_LEVELS)), "tree nodes per level (comma-separated)"),
-    Option("tr_matrix", str, None, "adjacency-matrix file (.npy): loaded if it exists, saved after the run"),
+    Option("tr_matrix", str, None, "adjacency-matrix file (.npy): loaded if it exists, saved after the run",
+           path="read_write"),
 )
 
 
-def recycling_settings(opts) -> tuple[tuple[int, ...], np.ndarray | None, object]:
+def _levels(opts) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in str(opts.tr_levels).split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise InvalidArgumentError(f"--tr-levels takes comma-separated positive integers (nodes per tree level), "
+                                   f"got {opts.tr_levels!r}")
+    return levels
+
+
+def check_recycling(opts, cfg: Config) -> None:
+    """--tr-levels make a tree; a --tr-matrix file fits the model and --tr-k."""
+    try:
+        TokenRecycling(k=opts.tr_k, levels=_levels(opts)).shape
+    except (InvalidArgumentError, ValueError) as e:
+        raise InvalidArgumentError(f"--tr-levels {opts.tr_levels} with --tr-k {opts.tr_k}: {e}") from None
+    if opts.tr_matrix and Path(opts.tr_matrix).exists():
+        load_matrix(opts.tr_matrix, cfg.vocab_size, opts.tr_k)
+
+
+def recycling_settings(opts, cfg: Config) -> tuple[tuple[int, ...], np.ndarray | None, object]:
     """(tree levels, the matrix from --tr-matrix if the file exists, the save hook) for token_recycling
     and sam_tr."""
-    try:
-        levels = tuple(int(x) for x in str(opts.tr_levels).split(",") if x.strip())
-    except ValueError:
-        raise InvalidArgumentError(f"--tr-levels takes comma-separated integers, got {opts.tr_levels!r}") from None
     path = opts.tr_matrix
-    matrix = load_matrix(path) if path and Path(path).exists() else None
-    return levels, matrix, (lambda M: save_matrix(M, path)) if path else None
+    matrix = load_matrix(path, cfg.vocab_size, opts.tr_k) if path and Path(path).exists() else None
+    return _levels(opts), matrix, (lambda M: save_matrix(M, path)) if path else None
 
 
 @register("token_recycling", "Token Recycling: a static tree filled from an adjacency matrix of the "
-          "target's recent top-k successors (hot start across requests)", options=TR_OPTIONS)
+          "target's recent top-k successors (hot start across requests)", options=TR_OPTIONS,
+          check=check_recycling)
 def build(opts, target) -> Built:
-    levels, matrix, save = recycling_settings(opts)
+    levels, matrix, save = recycling_settings(opts, target.cfg)
     return Built(TokenRecycling(k=opts.tr_k, levels=levels), carry=matrix, save=save)

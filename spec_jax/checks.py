@@ -56,8 +56,10 @@ def input_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise InvalidArgumentError(f"{flag} {path}: no such file{hint}")
+    if p.is_dir():
+        raise InvalidArgumentError(f"{flag} {path}: is a directory; give a file name")
     if not p.is_file():
-        raise InvalidArgumentError(f"{flag} {path}: not a file")
+        raise InvalidArgumentError(f"{flag} {path}: not a regular file")
     if not os.access(p, os.R_OK):
         raise InvalidArgumentError(f"{flag} {path}: not readable (permission denied)")
     return p

@@ -46,7 +46,8 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError as e:  # named by the user's path, not the temporary one
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; check the free space, quotas and "
+                          "permissions there") from e
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -221,30 +221,27 @@ def _device() -> dict:
 def _run_worker(spec: dict) -> dict:
     """Run one method in its own process (the spec goes in on stdin, the result comes back in a file).
 
-    On Ctrl-C the worker, in the same process group, stops by itself; on a SIGTERM sent to this process
-    alone it is passed on. Either way the worker is waited for, so it leaves nothing half-written.
+    The worker has its own process group, so a terminal's Ctrl-C reaches only this process, which then
+    stops the worker with SIGTERM and waits for it: the worker leaves nothing half-written, and its
+    interruption is reported once, here.
     """
     from spec_jax.errors import SpecJaxError
-    from spec_jax.interrupts import interrupted
 
     out = Path(spec["out_file"])
     proc = subprocess.Popen([sys.executable, "-m", "spec_jax.bench.run", "--worker"], stdin=subprocess.PIPE,
-                            stdout=sys.stderr, stderr=sys.stderr, text=True)
+                            stdout=sys.stderr, stderr=sys.stderr, text=True, process_group=0)
     try:
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
         code = proc.wait()
     except BaseException:
-        if proc.poll() is None and interrupted() is not None:
-            proc.send_signal(interrupted())  # ignored by a worker already stopping on the same signal
+        proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         raise
-    finally:
-        if proc.stdin and not proc.stdin.closed:
-            proc.stdin.close()
     try:
         if code != 0:
             raise SpecJaxError(f"the benchmark of {spec['entry']} failed (exit {code}); its error is above")

@@ -14,10 +14,10 @@ from typing import Any
 
 import jax
 
+from spec_jax.checks import Range
 from spec_jax.decoding.budget import apply_budget, parse_budget
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.verify import VERIFY_MODES
-from spec_jax.checks import Range
 from spec_jax.drafters import registry
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.files import cache_root

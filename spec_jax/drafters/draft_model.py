@@ -164,8 +164,8 @@ def build_draft(opts, target) -> Built:
 
 
 def _check_draft_tree(opts, cfg) -> None:
-    check_draft(opts, cfg)
     check_tree(opts)
+    check_draft(opts, cfg)
 
 
 @register("draft_tree", "the draft model grows a dynamic tree (EAGLE-2 expansion and reranking)",

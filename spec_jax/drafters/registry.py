@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 from spec_jax.checks import Range, input_file, output_file
 from spec_jax.errors import InvalidArgumentError
 
-
 PATH_KINDS = ("read", "write", "read_write")
 
 

@@ -32,16 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from spec_jax.checks import read_utf8, token_ids_in_range
 from spec_jax.drafters.base import StepContext, TemplateDrafter, load_int_array
 from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.drafters.token_recycling import (
     TR_OPTIONS,
     TokenRecycling,
+    check_recycling,
     distinct_siblings,
     fill_template,
     recycling_settings,
 )
-from spec_jax.checks import read_utf8, token_ids_in_range
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.trees import TreeTemplate
 

@@ -187,10 +187,7 @@ def _levels(opts) -> tuple[int, ...]:
 
 def check_recycling(opts, cfg: Config) -> None:
     """--tr-levels make a tree; a --tr-matrix file fits the model and --tr-k."""
-    try:
-        TokenRecycling(k=opts.tr_k, levels=_levels(opts)).shape
-    except (InvalidArgumentError, ValueError) as e:
-        raise InvalidArgumentError(f"--tr-levels {opts.tr_levels} with --tr-k {opts.tr_k}: {e}") from None
+    _levels(opts)
     if opts.tr_matrix and Path(opts.tr_matrix).exists():
         load_matrix(opts.tr_matrix, cfg.vocab_size, opts.tr_k)
 

@@ -23,6 +23,7 @@ from spec_jax.text import CALIBRATION_PROMPTS
 def cmd_generate(args) -> int:
     from spec_jax.decoding import generate
     from spec_jax.decoding.setup import (
+        check_devices,
         check_method_args,
         check_model,
         enable_compilation_cache,
@@ -38,7 +39,11 @@ def cmd_generate(args) -> int:
     if not utf8_arg(args.prompt, "--prompt").strip():
         raise InvalidArgumentError("--prompt is empty: pass some text")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    check_devices(args)
     cfg = check_model(args.model, args.dtype)
+    if args.max_new_tokens >= cfg.max_position_embeddings:
+        raise InvalidArgumentError(f"--max-new-tokens {args.max_new_tokens}: the model has "
+                                   f"{cfg.max_position_embeddings} positions for the prompt and the answer together")
     ignored = check_method_args(args.method, args, cfg)
     if ignored:
         print(f"spec-jax: warning: --method {args.method} does not take {', '.join(ignored)}; ignored",

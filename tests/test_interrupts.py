@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 CLI = [sys.executable, "-m", "spec_jax.cli"]
@@ -156,14 +157,18 @@ def test_bench_keeps_the_summary_of_finished_methods(tiny_hf_dir, tmp_path):
     out_dir = tmp_path / "out"
     env = {**_env(tmp_path, tmp_path / "cache"), "SPEC_JAX_METHODS": "failing_method",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(CLI + ["bench", "--model", str(tiny_hf_dir), "--methods", "ar,fails_at_run",
-                                 "--num-prompts", "1", "--max-turns", "1", "--max-new-tokens", "8",
-                                 "--out", str(out_dir)], capture_output=True, text=True, env=env, timeout=600)
+    matrix = tmp_path / "tr.npy"
+    proc = subprocess.run(CLI + ["bench", "--model", str(tiny_hf_dir), "--methods", "ar,token_recycling,fails_at_run",
+                                 "--tr-levels", "4,4", "--tr-matrix", str(matrix), "--num-prompts", "1",
+                                 "--max-turns", "1", "--max-new-tokens", "8", "--out", str(out_dir)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert "fails_at_run cannot run (on purpose)" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"spec-jax: error: the benchmark of fails_at_run failed (exit 2); its error is above; the summary of ar "
-        f"is in {out_dir / 'summary.md'}")
-    assert "| ar " in proc.stdout and "| ar " in (out_dir / "summary.md").read_text()
+        "spec-jax: error: the benchmark of fails_at_run failed (exit 2); its error is above; the summary of ar, "
+        f"token_recycling is in {out_dir / 'summary.md'}")
+    summary = (out_dir / "summary.md").read_text()
+    assert "| ar " in proc.stdout and "| ar " in summary and "| token_recycling " in summary
+    assert np.load(matrix).any()  # --tr-matrix: what Token Recycling learned is saved after its run
     assert len((out_dir / "ar.jsonl").read_text().splitlines()) == 1
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]

@@ -276,20 +276,21 @@ def parse_method(entry: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def check_bench(args) -> tuple[list[str], dict, list[dict], object]:
+def check_bench(args) -> tuple:
     """Everything a bench can check before running anything: the output folder, the model's files, every
     method entry (options, files, against the model's config), the questions and the tokenizer.
-    Returns (entries, parsed entries, questions, tokenizer)."""
+    Returns (entries, parsed entries, questions, tokenizer, model Config)."""
     import importlib.util
 
     from spec_jax.bench.datasets import load_dataset, select
-    from spec_jax.decoding.setup import check_method_args, check_model
+    from spec_jax.decoding.setup import check_devices, check_method_args, check_model
     from spec_jax.decoding.verify import VERIFY_MODES
     from spec_jax.drafters.registry import validate
     from spec_jax.errors import InvalidArgumentError, SpecJaxError
     from spec_jax.models.registry import check_tokenizer_fits, load_tokenizer
 
     output_dir(args.out, "--out")
+    check_devices(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise InvalidArgumentError("--methods is empty; name at least one method (e.g. ar,pld)")
@@ -318,21 +319,26 @@ def check_bench(args) -> tuple[list[str], dict, list[dict], object]:
         raise InvalidArgumentError("no questions selected; check --categories, --per-category and --num-prompts")
     tok = load_tokenizer(args.model)
     check_tokenizer_fits(tok, cfg, args.model)
-    return methods, parsed, questions, tok
+    return methods, parsed, questions, tok, cfg
 
 
 def cmd_bench(args) -> int:
     from spec_jax.bench import report
     from spec_jax.drafters.registry import methods as registered
-    from spec_jax.errors import SpecJaxError
+    from spec_jax.errors import InvalidArgumentError, SpecJaxError
     from spec_jax.text import encode_messages
 
-    methods, parsed, questions, tok = check_bench(args)
+    methods, parsed, questions, tok, cfg = check_bench(args)
     turns = args.max_turns or max(len(q["turns"]) for q in questions)
     # Room for later turns: the earlier turns' text and answers are part of their prompts.
     longest = max(len(encode_messages(tok, [{"role": "user", "content": "\n".join(q["turns"][:turns])}]))
                   for q in questions)
     max_prompt = longest + (turns - 1) * (args.max_new_tokens + 16)
+    if max_prompt + args.max_new_tokens > cfg.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"the longest conversation needs about {max_prompt + args.max_new_tokens} positions ({turns} turn(s) of "
+            f"--max-new-tokens {args.max_new_tokens}) but the model has {cfg.max_position_embeddings}; lower "
+            "--max-new-tokens or --max-turns")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_run_info(out_dir, args, methods, questions)

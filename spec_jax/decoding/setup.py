@@ -106,8 +106,25 @@ def init_devices(args):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
         kw = {k: v for k, v in (("coordinator_address", args.coordinator), ("num_processes", args.num_processes),
                                 ("process_id", args.process_id)) if v is not None}
-        jax.distributed.initialize(**kw)
+        try:
+            jax.distributed.initialize(**kw)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidArgumentError(f"--distributed: jax.distributed.initialize failed ({first}); give "
+                                       "--coordinator host:port, --num-processes and --process-id (auto-detected "
+                                       "on Cloud TPU only)") from None
     return parse_mesh(getattr(args, "mesh", None))
+
+
+def check_devices(args) -> None:
+    """The multi-host flags agree (the mesh itself is checked once the devices are known)."""
+    n, i = getattr(args, "num_processes", None), getattr(args, "process_id", None)
+    if n is not None and i is not None and i >= n:
+        raise InvalidArgumentError(f"--process-id {i} is not below --num-processes {n}; processes are numbered "
+                                   f"0..{n - 1}")
+    if not getattr(args, "distributed", False) and any(
+            getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")):
+        raise InvalidArgumentError("--coordinator, --num-processes and --process-id need --distributed")
 
 
 def check_model(model, dtype: str = "float32"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -45,15 +46,15 @@ class Range:
             out = self.kind(value)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {value!r}") from None
-        if out != out or (self.min is not None and (out < self.min or (self.min_open and out == self.min))) or (
-                self.max is not None and out > self.max):
+        below = self.min is not None and (out < self.min or (self.min_open and out == self.min))
+        if not math.isfinite(out) or below or (self.max is not None and out > self.max):
             raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {out}")
         return out
 
 
 def input_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
     """An existing, readable file."""
-    p = Path(path).expanduser()
+    p = Path(path)
     if not p.exists():
         raise InvalidArgumentError(f"{flag} {path}: no such file{hint}")
     if p.is_dir():
@@ -67,7 +68,7 @@ def input_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
 
 def output_file(path: str | os.PathLike, flag: str) -> Path:
     """A file path that can be written (atomically: its directory must take a new file)."""
-    p = Path(path).expanduser()
+    p = Path(path)
     if p.is_dir():
         raise InvalidArgumentError(f"{flag} {path}: is a directory; give a file name")
     _check_writable_dir(p.parent, flag, path)
@@ -76,7 +77,7 @@ def output_file(path: str | os.PathLike, flag: str) -> Path:
 
 def output_dir(path: str | os.PathLike, flag: str) -> Path:
     """A directory that exists and can be written, or can be created."""
-    p = Path(path).expanduser()
+    p = Path(path)
     if p.exists() and not p.is_dir():
         raise InvalidArgumentError(f"{flag} {path}: exists and is not a directory; give a folder name")
     _check_writable_dir(p, flag, path)
@@ -93,9 +94,7 @@ def _check_writable_dir(d: Path, flag: str, shown) -> None:
     if not d.is_dir():
         raise InvalidArgumentError(f"{flag} {shown}: {d} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".spec-jax-probe-", dir=d)
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=d).close()  # unnamed where the OS allows: nothing to leave behind
     except OSError as e:
         raise InvalidArgumentError(f"{flag} {shown}: cannot write in {d} ({e.strerror}); choose a writable "
                                    "location") from None

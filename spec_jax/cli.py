@@ -212,7 +212,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     """Every command runs under `run_command`: user errors and interruptions end as one line."""
-    return run_command(lambda: _main(argv))
+    try:
+        return run_command(lambda: _main(argv))
+    except SystemExit as e:  # argparse's usage errors (printed already) and --help, as a status
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
 
 
 def _main(argv) -> int:

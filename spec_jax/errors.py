@@ -1,6 +1,12 @@
 """Project exceptions: each says what is wrong and how to fix it."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run long), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class SpecJaxError(Exception):
     """Base class for every error spec-jax raises on purpose."""
 

@@ -43,7 +43,8 @@ def run_command(body: Callable[[], int], prog: str = "spec-jax", quiet: bool = F
     `prog: interrupted ...` and give 128 + the signal number (`quiet`: no line, for worker processes whose
     parent reports)."""
     _received.clear()
-    previous = {s: signal.signal(s, _raise_once) for s in SIGNALS}
+    # A signal set to be ignored stays ignored (a job started in the background by a non-interactive shell).
+    previous = {s: signal.signal(s, _raise_once) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         return body()
     except SpecJaxError as e:
@@ -51,8 +52,10 @@ def run_command(body: Callable[[], int], prog: str = "spec-jax", quiet: bool = F
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
         return _stopped(prog, quiet)
-    except SystemExit as e:  # argparse: the usage error is printed already
-        return e.code if interrupted() is None and isinstance(e.code, int) else _stopped(prog, quiet)
+    except SystemExit:  # argparse: the usage error is printed already
+        if interrupted() is not None:
+            return _stopped(prog, quiet)
+        raise
     except BaseException:
         if interrupted() is None:
             raise
@@ -65,7 +68,10 @@ def run_command(body: Callable[[], int], prog: str = "spec-jax", quiet: bool = F
 def _stopped(prog: str, quiet: bool) -> int:
     signum = interrupted()
     if not quiet:
-        sys.stdout.flush()
-        print(f"{prog}: interrupted by {signal.Signals(signum).name}; files already written are complete, "
-              "nothing half-written was left", file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout was a pipe that is gone
+            pass
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}; the files already written are complete",
+              file=sys.stderr)
     return 128 + signum

@@ -73,6 +73,8 @@ def files(tiny_hf_dir, tmp_path_factory):
     npy("neg.npy", np.where(np.arange(V * 8).reshape(V, 8) == 9, -1, M))
     npy("shape.npy", np.zeros((V, 4), np.int32))
     npy("float.npy", np.zeros((V, 8), np.float32))
+    np.savez(d / "archive.npz", M=M)
+    f["archive.npz"] = str(d / "archive.npz")
     (d / "garbage.npy").write_bytes(b"not numpy at all")
     f["garbage.npy"] = str(d / "garbage.npy")
     npy("corpus_oov.npy", np.array([1, 2, V + 5], np.int32))
@@ -85,6 +87,7 @@ def files(tiny_hf_dir, tmp_path_factory):
                        "skip_all.json": json.dumps({"skip": [0, 1]}).encode(),
                        "skip_float.json": json.dumps({"skip": [0.5]}).encode(),
                        "empty.jsonl": b"",
+                       "corrupt.jsonl.gz": b"\x1f\x8b\x08\x00" + b"\x00" * 40,
                        "latin1.jsonl": '{"turns": ["caf\xe9"]}\n'.encode("latin-1"),
                        "badjson.jsonl": b'{"turns": ["a"]}\n{"turns": [\n',
                        "noturns.jsonl": b'{"question_id": 1, "turns": []}\n',
@@ -163,6 +166,9 @@ GENERATE = [
     (["--method", "token_recycling", "--budget", "0"], r"--budget: must be at least 1 node, got 0"),
     (["--method", "token_recycling", "--budget", "lots"], r"--budget: takes a node count or 'auto', got 'lots'"),
     (["--verify", "nope"], r"--verify: invalid choice: 'nope'"),
+    (["--method", "pld", "--budget", "4"], r"--budget applies to methods with a prunable static tree \(sam_tr, "
+                                           r"token_recycling\); pld has none"),
+    (["--method", "token_recycling", "--tr-matrix", "{archive.npz}"], r"archive.npz: an .npz archive, not a token"),
     (["--mesh", "data=0"], r"--mesh takes 'auto' or 'data=D,model=M' with positive sizes"),
     (["--mesh", "data=64"], r"--mesh data=64 needs 64 devices but 1 are visible"),
     (["--num-processes", "0"], r"--num-processes: must be an integer >= 1"),
@@ -213,6 +219,12 @@ BENCH = [
     (["--methods", "pld/draft_k"], r"--methods entry 'pld/draft_k': expected name/option=value"),
     (["--methods", "ar,pld/verify=maybe"], r"--methods entry 'pld/verify=maybe': verify must be one of"),
     (["--methods", ","], r"--methods is empty"),
+    (["--methods", "ar,token_recycling", "--budget", "4"], r"--methods entry 'ar': --budget applies to methods"),
+    (["--methods", "pld/tr_k=4"], r"--methods entry 'pld/tr_k=4': pld does not take 'tr_k'"),
+    (["--methods", "ar,hf_pld/hf_pld_tokens=0"], r"--methods entry 'hf_pld/hf_pld_tokens=0': hf_pld_tokens must be"),
+    (["--methods", "token_recycling,sam_tr", "--tr-matrix", "{dir}/m.npy"],
+     r"--tr-matrix .*m.npy would be loaded and saved by token_recycling and sam_tr; benchmark them in separate"),
+    (["--dataset", "{corrupt.jsonl.gz}"], r"corrupt.jsonl.gz: cannot read"),
     (["--methods", "ar,ar"], r"--methods names 'ar' twice"),
     (["--methods", "ar,token_recycling", "--tr-matrix", "{oov.npy}"],
      r"--methods entry 'token_recycling': .*oov.npy: token id 1000000"),
@@ -257,6 +269,10 @@ def _run(argv, files, cwd):
 
 def _check(proc, pattern):
     err = proc.stderr.decode("utf-8", "replace")
+    if os.environ.get("SPEC_JAX_CASES_LOG"):  # the table of cases and messages, for a report
+        with open(os.environ["SPEC_JAX_CASES_LOG"], "a") as f:
+            f.write(json.dumps({"argv": [os.fsdecode(a) for a in proc.args[3:]], "rc": proc.returncode,
+                                "stderr": err}) + "\n")
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[spec-jax]")]
     assert proc.returncode != 0, err
     assert "Traceback" not in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import zlib
 from pathlib import Path
 
 from spec_jax.errors import DataFormatError, ModelNotFoundError
@@ -25,7 +26,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """JSON objects, one a line; a malformed line is reported with its file and line number."""
     try:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
     rows = []
     for n, raw in enumerate(data.split(b"\n"), 1):
@@ -47,7 +48,8 @@ def load_questions(path: str | Path) -> list[dict]:
     """A Spec-Bench `question.jsonl`: question_id, category, turns (list of str), optional reference."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"--dataset {path}: no such question file")
+        raise DataFormatError(f"--dataset {path}: no such question file" if not path.exists() else
+                              f"--dataset {path}: not a file")
     rows = read_jsonl(path)
     if not rows:
         raise DataFormatError(f"question file {path} has no questions; expected JSON lines with question_id, "
@@ -80,7 +82,8 @@ def load_dataset(name: str) -> list[dict]:
         return humaneval()
     if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).exists():
         return load_questions(name)
-    raise DataFormatError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a question.jsonl path")
+    raise DataFormatError(f"--dataset: unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a "
+                          "question.jsonl path")
 
 
 def select(questions: list[dict], categories: list[str] | None = None, per_category: int | None = None,
@@ -90,8 +93,9 @@ def select(questions: list[dict], categories: list[str] | None = None, per_categ
     if categories:
         unknown = [c for c in categories if c not in present]
         if unknown:
-            raise DataFormatError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                                  f"this dataset has: {', '.join(present)}")
+            noun = "category" if len(unknown) == 1 else "categories"
+            raise DataFormatError(f"--categories: unknown {noun} {', '.join(unknown)}; this dataset has: "
+                                  f"{', '.join(present)}")
     taken, out = {}, []
     for q in questions:
         c = q["category"]

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,25 +228,29 @@ def _run_worker(spec: dict) -> dict:
     """
     from spec_jax.errors import SpecJaxError
 
-    out = Path(spec["out_file"])
-    proc = subprocess.Popen([sys.executable, "-m", "spec_jax.bench.run", "--worker"], stdin=subprocess.PIPE,
-                            stdout=sys.stderr, stderr=sys.stderr, text=True, process_group=0)
+    out, proc = Path(spec["out_file"]), None
     try:
-        proc.stdin.write(json.dumps(spec))
-        proc.stdin.close()
-        code = proc.wait()
-    except BaseException:
-        proc.terminate()
+        proc = subprocess.Popen([sys.executable, "-m", "spec_jax.bench.run", "--worker"], stdin=subprocess.PIPE,
+                                stdout=sys.stderr, stderr=sys.stderr, text=True, process_group=0)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
-    try:
+            proc.stdin.write(json.dumps(spec))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the worker ended before reading its spec; its exit status says how
+        code = proc.wait()
         if code != 0:
-            raise SpecJaxError(f"the benchmark of {spec['entry']} failed (exit {code}); its error is above")
+            how = f"exit {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
+            raise SpecJaxError(f"the benchmark of {spec['entry']} failed ({how}); its error is above")
         return json.loads(out.read_text())
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        raise
     finally:
         out.unlink(missing_ok=True)
 
@@ -262,7 +267,7 @@ def parse_method(entry: str) -> tuple[str, dict]:
     if name not in names:
         raise InvalidArgumentError(f"--methods: unknown method {name!r} in {entry!r}; valid methods: "
                                    f"{', '.join(names)}")
-    settable = (*all_options(), "budget", "verify")
+    settable = (*all_options(), "budget", "verify", "hf_pld_tokens")
     overrides = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
@@ -271,7 +276,7 @@ def parse_method(entry: str) -> tuple[str, dict]:
             raise InvalidArgumentError(f"--methods entry {entry!r}: expected name/option=value, got {opt!r}")
         if key not in settable:
             raise InvalidArgumentError(f"--methods entry {entry!r}: unknown option {key!r}; per-method options are "
-                                       "those of `spec-jax methods`, budget and verify")
+                                       "those of `spec-jax methods`, budget, verify and hf_pld_tokens")
         overrides[key] = value
     return name, overrides
 
@@ -285,7 +290,7 @@ def check_bench(args) -> tuple:
     from spec_jax.bench.datasets import load_dataset, select
     from spec_jax.decoding.setup import check_devices, check_method_args, check_model
     from spec_jax.decoding.verify import VERIFY_MODES
-    from spec_jax.drafters.registry import validate
+    from spec_jax.drafters.registry import get, validate
     from spec_jax.errors import InvalidArgumentError, SpecJaxError
     from spec_jax.models.registry import check_tokenizer_fits, load_tokenizer
 
@@ -298,25 +303,39 @@ def check_bench(args) -> tuple:
         raise InvalidArgumentError(f"--methods names {next(m for m in methods if methods.count(m) > 1)!r} twice")
     parsed = {m: parse_method(m) for m in methods}
     cfg = check_model(args.model, args.dtype)
+    matrices = {}  # --tr-matrix path -> the entries that load it and save it back
     for m, (name, overrides) in parsed.items():
         values = argparse.Namespace(**{**vars(args), **overrides})
         try:
             if values.verify not in VERIFY_MODES:
                 raise InvalidArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {values.verify!r}")
+            values.hf_pld_tokens = Range(int, 1)(values.hf_pld_tokens) if "hf_pld_tokens" in overrides \
+                else values.hf_pld_tokens
             if name in HF_METHODS:
                 if importlib.util.find_spec("torch") is None:
                     raise InvalidArgumentError("the Hugging Face peers need PyTorch; install them with "
                                                "`pip install -e .[peers]`")
+                own = {"hf_pld": {"hf_pld_tokens"}, "hf_assisted": {"draft_model", "draft_layers"}}.get(name, set())
                 if name == "hf_assisted":
                     validate("draft", vars(values), cfg)
             else:
-                check_method_args(name, values, cfg)
+                ignored = check_method_args(name, values, cfg)
+                own = {o.name for o in get(name).options} | {"budget", "verify"}
+                if getattr(values, "tr_matrix", None) and "--tr-matrix" not in ignored:
+                    matrices.setdefault(values.tr_matrix, []).append(m)
+            extra = sorted(set(overrides) - own)
+            if extra:
+                raise InvalidArgumentError(f"{name} does not take {extra[0]!r}")
+        except argparse.ArgumentTypeError as e:
+            raise InvalidArgumentError(f"--methods entry {m!r}: hf_pld_tokens {e}") from None
         except SpecJaxError as e:
             raise type(e)(f"--methods entry {m!r}: {e}") from None
+    for path, users in matrices.items():
+        if len(users) > 1:  # each would start from what the one before it saved: figures depend on the order
+            raise InvalidArgumentError(f"--tr-matrix {path} would be loaded and saved by {' and '.join(users)}; "
+                                       "benchmark them in separate runs")
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select(load_dataset(args.dataset), cats, args.per_category, args.num_prompts)
-    if not questions:
-        raise InvalidArgumentError("no questions selected; check --categories, --per-category and --num-prompts")
     tok = load_tokenizer(args.model)
     check_tokenizer_fits(tok, cfg, args.model)
     return methods, parsed, questions, tok, cfg
@@ -355,11 +374,14 @@ def cmd_bench(args) -> int:
                 "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
         try:
             results[m] = _run_worker(spec)
-        except SpecJaxError as e:
-            if results:  # what finished is kept: its rows are written, and the summary covers it
-                print(report.write_report(out_dir, results, greedy=True))
-                raise type(e)(f"{e}; the summary of {', '.join(results)} is in {out_dir / 'summary.md'}") from None
-            raise
+        except BaseException as e:  # a failure or Ctrl-C: what finished is kept, its rows and its summary
+            if not results:
+                raise
+            text = report.write_report(out_dir, results, greedy=True)
+            if not isinstance(e, SpecJaxError):
+                raise
+            print(text)
+            raise type(e)(f"{e}; the summary of {', '.join(results)} is in {out_dir / 'summary.md'}") from None
         atomic_write_text(out_dir / f"{_slug(m)}.jsonl",
                           "".join(json.dumps({"method": m, **row}) + "\n" for row in results[m]["rows"]))
     text = report.write_report(out_dir, results, greedy=True)

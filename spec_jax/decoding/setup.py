@@ -19,7 +19,7 @@ from spec_jax.decoding.budget import apply_budget, parse_budget
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.verify import VERIFY_MODES
 from spec_jax.drafters import registry
-from spec_jax.errors import InvalidArgumentError
+from spec_jax.errors import InvalidArgumentError, first_line
 from spec_jax.files import cache_root
 from spec_jax.sampling import Sampling
 from spec_jax.sharding import parse_mesh
@@ -109,8 +109,7 @@ def init_devices(args):
         try:
             jax.distributed.initialize(**kw)
         except (RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidArgumentError(f"--distributed: jax.distributed.initialize failed ({first}); give "
+            raise InvalidArgumentError(f"--distributed: jax.distributed.initialize failed ({first_line(e)}); give "
                                        "--coordinator host:port, --num-processes and --process-id (auto-detected "
                                        "on Cloud TPU only)") from None
     return parse_mesh(getattr(args, "mesh", None))
@@ -130,10 +129,13 @@ def check_devices(args) -> None:
 def check_model(model, dtype: str = "float32"):
     """The model's Config from its header, once its files are known to be there (weights and tokenizer);
     the method checks run against it before any weights are loaded."""
-    from spec_jax.models.registry import check_tokenizer_files, load_config
+    from spec_jax.models.loading import safetensors_files
+    from spec_jax.models.registry import check_tokenizer_files, load_config, resolve
 
     cfg = load_config(model, dtype)
     check_tokenizer_files(model)
+    if resolve(model).is_dir():
+        safetensors_files(resolve(model))
     return cfg
 
 
@@ -142,7 +144,10 @@ def check_method_args(name: str, args, cfg=None) -> list[str]:
     the budget before any weights are loaded; returns the flags the user set that the method does not take
     (to warn about)."""
     registry.validate(name, method_values(args), cfg)
-    parse_budget(getattr(args, "budget", None))
+    if parse_budget(getattr(args, "budget", None)) is not None and not registry.get(name).prunable:
+        takers = [m.name for m in registry.methods().values() if m.prunable]
+        raise InvalidArgumentError(f"--budget applies to methods with a prunable static tree ({', '.join(takers)}); "
+                                   f"{name} has none")
     own = {o.name for o in registry.get(name).options}
     table = registry.all_options()
     return [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]

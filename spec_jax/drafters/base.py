@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.errors import DataFormatError, InvalidArgumentError, first_line
 from spec_jax.models import Config, KVCache
 from spec_jax.sampling import Sampling
 from spec_jax.trees import DraftTree, TreeTemplate
@@ -44,9 +44,12 @@ def load_int_array(path, ndim: int, what: str, hint: str = "") -> np.ndarray:
     """A drafter's integer array from a .npy file (matrix, token ids), refused clearly when it is not one."""
     path = Path(path)
     try:
-        a = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataFormatError(f"{path}: not a {what} ({e}){hint}") from e
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataFormatError(f"{path}: not a {what} ({first_line(e)}){hint}") from None
+    if not isinstance(a, np.ndarray):  # an .npz archive
+        a.close()
+        raise DataFormatError(f"{path}: an .npz archive, not a {what} (.npy){hint}")
     if a.ndim != ndim or a.dtype.kind not in "iu":
         raise DataFormatError(f"{path}: expected a {ndim}-D integer {what}, got {a.dtype} {a.shape}")
     return a

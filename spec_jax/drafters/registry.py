@@ -119,6 +119,7 @@ class Method:
     options: tuple[Option, ...]
     build: Callable[[SimpleNamespace, Target], Built]
     check: Callable[[SimpleNamespace, Any], None] | None  # (opts, model Config): refuse bad values before loading
+    prunable: bool  # its drafter's static tree can be sized by `--budget N|auto` (TemplateDrafter.prunable)
     module: str  # imported by benchmark workers before the lookup (methods defined outside the package)
     source: str | None = None  # the module's file, for workers where `module` is not importable by name
 
@@ -128,12 +129,13 @@ _discovered = False
 
 
 def register(name: str, description: str, options: tuple[Option, ...] = (),
-             check: Callable[[SimpleNamespace, Any], None] | None = None):
+             check: Callable[[SimpleNamespace, Any], None] | None = None, prunable: bool = False):
     """Decorator: register `build(opts, target) -> Built` as method `name`.
 
     `check(opts, cfg)`, if given, refuses what the options' own ranges cannot see (one option against
     another, an input file's contents against the model's `Config`) before any weights are loaded;
-    its errors name the flags. The builder may assume it passed.
+    its errors name the flags. The builder may assume it passed. `prunable` says, before anything is
+    built, that the drafter's tree takes `--budget` (it must agree with the drafter's own `prunable`).
     """
     def deco(build):
         source = getattr(sys.modules.get(build.__module__), "__file__", None)
@@ -141,7 +143,7 @@ def register(name: str, description: str, options: tuple[Option, ...] = (),
         if old is not None and old.module != build.__module__:
             raise ValueError(f"method {name!r} is registered twice: by {old.module} and by {build.__module__}")
         _METHODS[name] = Method(name=name, description=description, options=tuple(options), build=build,
-                                check=check, module=build.__module__, source=source)
+                                check=check, prunable=prunable, module=build.__module__, source=source)
         return build
     return deco
 
@@ -233,7 +235,10 @@ def validate(name: str, values: dict, cfg=None) -> SimpleNamespace:
 
 def build(name: str, values: dict, target: Target) -> Built:
     """Build method `name` from option values for the target model."""
-    built = get(name).build(validate(name, values, target.cfg), target)
+    m = get(name)
+    built = m.build(validate(name, values, target.cfg), target)
     if not isinstance(built, Built):
         raise TypeError(f"the builder of method {name!r} returned {type(built).__name__}, expected Built")
+    if getattr(built.drafter, "prunable", False) != m.prunable:
+        raise TypeError(f"method {name!r} is registered with prunable={m.prunable} but its drafter says otherwise")
     return built

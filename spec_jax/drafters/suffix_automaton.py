@@ -321,7 +321,7 @@ def build_sam(opts, target) -> Built:
           options=(Option("draft_k", int, 8, "depth of the retrieval path", min=1),
                    Option("sam_min_match", int, 4, "shortest match that drafts (below it: Token Recycling alone)",
                           min=1),
-                   SAM_CORPUS, *TR_OPTIONS), check=_check_sam_tr)
+                   SAM_CORPUS, *TR_OPTIONS), check=_check_sam_tr, prunable=True)
 def build_sam_tr(opts, target) -> Built:
     levels, matrix, save = recycling_settings(opts, target.cfg)
     drafter = SAMTokenRecycling(k=opts.tr_k, levels=levels, sam_k=opts.draft_k, min_match=opts.sam_min_match,

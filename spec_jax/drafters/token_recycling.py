@@ -202,7 +202,7 @@ def recycling_settings(opts, cfg: Config) -> tuple[tuple[int, ...], np.ndarray |
 
 @register("token_recycling", "Token Recycling: a static tree filled from an adjacency matrix of the "
           "target's recent top-k successors (hot start across requests)", options=TR_OPTIONS,
-          check=check_recycling)
+          check=check_recycling, prunable=True)
 def build(opts, target) -> Built:
     levels, matrix, save = recycling_settings(opts, target.cfg)
     return Built(TokenRecycling(k=opts.tr_k, levels=levels), carry=matrix, save=save)

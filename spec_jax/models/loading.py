@@ -197,7 +197,7 @@ def load_hf_config(path: str | os.PathLike) -> Config:
         raise CheckpointError(f"{cfg_file}: a setting has the wrong type ({e})") from None
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     """The weight files of an HF directory: those its index lists, else every `*.safetensors`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -231,7 +231,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None) -> tuple
     cfg = load_hf_config(path).replace(dtype=dtype)
     with contextlib.ExitStack() as stack:
         opened = {}  # tensor name -> (open file, its path)
-        for file in _safetensors_files(path):
+        for file in safetensors_files(path):
             try:
                 f = stack.enter_context(safe_open(file, framework="numpy"))
             except (SafetensorError, OSError, ValueError) as e:

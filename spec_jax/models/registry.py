@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from spec_jax.errors import CheckpointError, ModelNotFoundError, OutputError
+from spec_jax.errors import CheckpointError, ModelNotFoundError, OutputError, first_line
 from spec_jax.files import atomic_path, cache_root
 from spec_jax.models.llama import Config
 from spec_jax.models.loading import gguf_metadata, load_gguf, load_gguf_config, load_hf, load_hf_config
@@ -91,8 +91,9 @@ def check_tokenizer_files(model: str | os.PathLike) -> None:
 def check_tokenizer_fits(tok, cfg: Config, model) -> None:
     """Refuse a tokenizer with more tokens than the model's embedding rows: the extra ids would index past
     the embedding table (XLA clamps them: silently wrong text, never an error)."""
-    if len(tok) > cfg.vocab_size:
-        raise CheckpointError(f"{model}: the tokenizer has {len(tok)} tokens but the model's vocab_size is "
+    size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)  # added tokens may leave gaps
+    if size > cfg.vocab_size:
+        raise CheckpointError(f"{model}: the tokenizer has {size} tokens but the model's vocab_size is "
                               f"{cfg.vocab_size}; the tokenizer belongs to another model")
 
 
@@ -114,15 +115,14 @@ def load_tokenizer(model: str | os.PathLike):
         check_tokenizer_files(path)
         try:
             return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: cannot load the tokenizer ({first})") from None
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises bare Exceptions for bad files)
+            raise CheckpointError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
     cached = _tokenizer_cache_dir(path)
     if (cached / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(cached)
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
+        except Exception:  # noqa: BLE001 (a damaged cache entry is rebuilt below)
+            pass
     tok = _tokenizer_from_gguf(path)
     try:
         with atomic_path(cached, directory=True) as tmp:

@@ -14,6 +14,14 @@ import numpy as np
 import pytest
 
 CLI = [sys.executable, "-m", "spec_jax.cli"]
+# As a terminal's foreground job: Ctrl-C handled (pytest itself may run in the background of a
+# non-interactive shell, where SIGINT is inherited as ignored, and spec-jax leaves an ignored signal alone).
+FOREGROUND = [sys.executable, "-c", """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["spec-jax", *sys.argv[1:]]
+runpy.run_module("spec_jax.cli", run_name="__main__")
+"""]
 FAILING_METHOD = """
 from spec_jax.drafters import register
 from spec_jax.errors import InvalidArgumentError
@@ -29,7 +37,7 @@ class Watched:
     """A CLI process in its own session, its output read as it comes."""
 
     def __init__(self, argv, env, **kw):
-        self.proc = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        self.proc = subprocess.Popen(FOREGROUND + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      start_new_session=True, **kw)
         self.out, self.err = bytearray(), bytearray()
         self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
@@ -117,7 +125,7 @@ def test_sigterm_during_generate(tiny_hf_dir, tmp_path):
     _assert_stopped(rc, err, signal.SIGTERM, tmp_path, out_dir)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_bench(signum, tiny_hf_dir, tmp_path):
     """Ctrl-C reaches the whole process group; SIGTERM only the driver, which stops its worker."""
     out_dir = tmp_path / "out"

@@ -1,0 +1,127 @@
+"""`TrainConfig`: the settings of one training run, shared by every recipe, and how a YAML mapping becomes one.
+
+Every field is checked where it is set (directly or from YAML) with the same `Range` types as the command
+line, so a bad value is one line naming the key before anything is compiled. A key the config does not know
+is refused by name: a misspelt `learning_rte` must not silently train at the default rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from spec_jax.checks import Range, input_file
+from spec_jax.errors import InvalidArgumentError
+
+# The fields a resumed run must share with the run that wrote its checkpoints: each changes the update at some
+# step (the schedule, the data, the clipping), so resuming under another value could not be exact.
+RUN_DEFINING = ("learning_rate", "warmup_steps", "total_steps", "weight_decay", "clip_norm", "batch_size", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: optimiser (AdamW, linear warm-up then cosine decay to 0, global-norm clipping), data
+    (batch size, seed), checkpoints and evaluation cadence, where outputs go, and the device mesh.
+
+    `output_dir` holds `checkpoints/<step>/` (orbax), `metrics.jsonl` and `loss.png`; a run started again with
+    the same `output_dir` resumes from its latest checkpoint. `mesh` is `None` (one device), `auto` or
+    `data=D,model=M` as `--mesh` takes it (`spec_jax.sharding.parse_mesh`). `eval_every` 0 evaluates only at
+    the end.
+    """
+
+    total_steps: int
+    output_dir: str
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    batch_size: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    seed: int = 0
+    mesh: str | None = None
+
+    def __post_init__(self):
+        for name, value in _checked(dataclasses.asdict(self), "training config").items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping, source: str = "training config") -> TrainConfig:
+        """A config from a mapping (a parsed YAML file, keys `-` or `_`), refusing unknown and missing keys by
+        name; `source` (the file) starts every error."""
+        if not isinstance(data, Mapping):
+            raise InvalidArgumentError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise InvalidArgumentError(f"{source}: unknown key {key!r}; the training keys are {', '.join(names)}")
+            if value is None and name != "mesh":
+                raise InvalidArgumentError(f"{source}: {key} has no value; give one or delete the line")
+            values[name] = value
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise InvalidArgumentError(f"{source}: missing {', '.join(missing)} (required)")
+        return cls(**_checked(values, source))
+
+    def to_dict(self) -> dict:
+        """The fields as plain values (stored with every checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+CHECKS = {
+    "total_steps": Range(int, 1),
+    "learning_rate": Range(float, 0, min_open=True),
+    "warmup_steps": Range(int, 0),
+    "weight_decay": Range(float, 0),
+    "clip_norm": Range(float, 0, min_open=True),
+    "batch_size": Range(int, 1),
+    "checkpoint_every": Range(int, 1),
+    "keep_checkpoints": Range(int, 1),
+    "eval_every": Range(int, 0),
+    "seed": Range(int, 0),
+}
+
+
+def _checked(values: dict, source: str) -> dict:
+    """`values` converted and range-checked field by field (`CHECKS`), then across fields; errors name `source`
+    and the key."""
+    out = dict(values)
+    for name, check in CHECKS.items():
+        if name in out:
+            try:
+                out[name] = check(out[name])
+            except argparse.ArgumentTypeError as e:
+                raise InvalidArgumentError(f"{source}: {name}: {e}") from None
+    if "warmup_steps" in out and "total_steps" in out and out["warmup_steps"] >= out["total_steps"]:
+        raise InvalidArgumentError(f"{source}: warmup_steps ({out['warmup_steps']}) must be below total_steps "
+                                   f"({out['total_steps']}): the cosine decay needs steps after it")
+    if "output_dir" in out:
+        if not isinstance(out["output_dir"], str | Path) or not str(out["output_dir"]):
+            raise InvalidArgumentError(f"{source}: output_dir must be a folder name, got {out['output_dir']!r}")
+        out["output_dir"] = str(out["output_dir"])
+    if out.get("mesh") is not None and not isinstance(out["mesh"], str):
+        raise InvalidArgumentError(f"{source}: mesh must be 'auto' or 'data=D,model=M', got {out['mesh']!r}")
+    return out
+
+
+def load_train_config(path: str, section: str | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file: the whole file, or its mapping under `section` (a recipe's file keeps
+    the training keys under, say, `train:` next to its own)."""
+    import yaml
+
+    input_file(path, "training config")
+    try:
+        data = yaml.safe_load(Path(path).read_bytes()) or {}
+    except yaml.YAMLError as e:
+        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if section is not None:
+        if not isinstance(data, Mapping) or section not in data:
+            raise InvalidArgumentError(f"config file {path}: no {section!r} section")
+        data = data[section]
+    return TrainConfig.from_mapping(data, source=f"config file {path}" + (f" ({section})" if section else ""))

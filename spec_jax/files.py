@@ -38,6 +38,7 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
             os.close(fd)
             tmp = Path(name)
+        _as_if_created(tmp, directory)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
@@ -53,6 +54,14 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _as_if_created(tmp: Path, directory: bool) -> None:
+    """Give a temporary file or folder the permissions a plain `open`/`mkdir` would (mkstemp and mkdtemp make
+    them private to the owner, which would stick to the renamed result)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

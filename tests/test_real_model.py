@@ -50,3 +50,25 @@ def test_tokenizer_without_torch_equals_transformers():
     chat = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(chat, add_generation_prompt=True) == theirs.apply_chat_template(
         chat, add_generation_prompt=True)
+
+
+def test_shipped_medusa_heads_draft_losslessly(both):
+    """`--method medusa` on the embedded model uses the heads shipped in spec_jax/heads/ (trained by
+    configs/medusa_smollm2.yaml): greedy-exact against AR at batch 2, and accepted more than untrained heads."""
+    from spec_jax.drafters.medusa import Medusa, init_heads, load_heads, shipped_heads, tree_paths
+
+    _, params, cfg, tok = both
+    path = shipped_heads(cfg)
+    assert path is not None and path.name == "medusa_smollm2"
+    heads = load_heads(path, cfg)
+    K = int(heads["kernel"].shape[0])
+    from spec_jax.text import encode_messages
+
+    prompts = [encode_messages(tok, [{"role": "user", "content": q}])
+               for q in ("Name three rivers in Europe.", "How do I boil an egg?")]
+    ar = generate(Engine(cfg), params, prompts, 48)
+    drafter = Medusa(num_heads=K, paths=tree_paths("sim_8", K))
+    trained = generate(Engine(cfg, drafter), params, prompts, 48, weights=heads)
+    untrained = generate(Engine(cfg, drafter), params, prompts, 48, weights=init_heads(cfg, K))
+    assert trained.token_ids == ar.token_ids == untrained.token_ids
+    assert trained.stats()["tau"] > untrained.stats()["tau"]

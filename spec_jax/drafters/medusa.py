@@ -295,9 +295,23 @@ def load_heads(path: str | os.PathLike, cfg: Config, *, mesh=None) -> dict:
 
 # ----------------------------------------------------------------------------- registry
 
+SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "heads"  # spec_jax/heads/<name>/: trained for a shipped model
+
+
+def shipped_heads(cfg: Config) -> Path | None:
+    """The Medusa heads shipped with spec-jax for a model of this shape (the embedded SmolLM2-135M), if any."""
+    for path in sorted(SHIPPED_HEADS.glob("medusa_*")):
+        try:
+            read_heads_config(path, cfg)
+        except (CheckpointError, DataFormatError):
+            continue
+        return path
+    return None
+
+
 MEDUSA_OPTIONS = (
     Option("heads", str, None, "trained draft heads: a directory of config.json + heads.safetensors (save_heads); "
-           "default: untrained zero-initialised heads"),
+           "default: the heads shipped for this model (spec_jax/heads/), else untrained zero-initialised heads"),
     Option("medusa_heads", int, 4, "number of zero-initialised heads when --heads is not given (a checkpoint "
            "brings its own)", min=1),
     Option("medusa_tree", str, "mc_sim_7b_63", "static tree shape (Medusa choice list): mc_sim_7b_63 (63 nodes, "
@@ -317,6 +331,9 @@ def check_medusa(opts, cfg: Config) -> None:
                                        f"({CONFIG_FILE} + {WEIGHTS_FILE})")
         num_heads = read_heads_config(Path(opts.heads), cfg)["num_heads"]
         source = f"the {num_heads} heads of --heads {opts.heads}"
+    elif (shipped := shipped_heads(cfg)) is not None:
+        num_heads = read_heads_config(shipped, cfg)["num_heads"]
+        source = f"the {num_heads} heads shipped in {shipped}"
     depth = max(map(len, tree_paths(opts.medusa_tree, num_heads)))
     if depth > num_heads:
         fits = [name for name in TREE_NAMES if max(map(len, tree_paths(name, num_heads))) <= num_heads]
@@ -326,11 +343,13 @@ def check_medusa(opts, cfg: Config) -> None:
 
 
 @register("medusa", "Medusa: draft heads on the target's last hidden state fill a static tree (--heads trained "
-          "heads; untrained zero-initialised heads otherwise)", options=MEDUSA_OPTIONS, check=check_medusa,
+          "heads; default: those shipped for the model, else untrained zero-initialised heads)",
+          options=MEDUSA_OPTIONS, check=check_medusa,
           prunable=True)
 def build(opts, target) -> Built:
-    if opts.heads is not None:
-        weights = load_heads(Path(opts.heads), target.cfg, mesh=target.mesh)
+    path = Path(opts.heads) if opts.heads is not None else shipped_heads(target.cfg)
+    if path is not None:
+        weights = load_heads(path, target.cfg, mesh=target.mesh)
     else:
         weights = init_heads(target.cfg, opts.medusa_heads, mesh=target.mesh)
     num_heads = int(weights["kernel"].shape[0])

@@ -77,3 +77,12 @@ def test_recipe_settings_refused_clearly(tmp_path, data_dir):
     with pytest.raises(InvalidArgumentError, match="num_heads: must be an integer in"):
         _recipe(tmp_path, data_dir).from_mapping({"recipe": "medusa", "data": "d", "out": "o", "num_heads": 0,
                                                    "train": {"output_dir": "x", "total_steps": 1}}, "r.yaml")
+
+
+def test_shipped_recipe_parses():
+    from pathlib import Path
+
+    from spec_jax.training.recipes import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).parents[1] / "configs" / "medusa_smollm2.yaml"))
+    assert recipe.recipe == "medusa" and recipe.out == "spec_jax/heads/medusa_smollm2"

@@ -111,6 +111,17 @@ def utf8_arg(text: str, flag: str) -> str:
     return text
 
 
+def read_yaml(path: str | os.PathLike, flag: str = "--config"):
+    """A YAML file's contents (an empty file is {}), refused in one line when it is missing or not YAML."""
+    import yaml
+
+    input_file(path, flag)
+    try:
+        return yaml.safe_load(Path(path).read_bytes()) or {}
+    except yaml.YAMLError as e:
+        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def read_utf8(path: str | os.PathLike, what: str) -> str:
     """A text file's contents, refused with its line number when it is not UTF-8."""
     data = Path(path).read_bytes()

@@ -12,9 +12,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from spec_jax.checks import Range, input_file, output_file, utf8_arg
+from spec_jax.checks import Range, output_file, read_yaml, utf8_arg
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.interrupts import run_command
 from spec_jax.text import CALIBRATION_PROMPTS
@@ -52,7 +51,7 @@ def cmd_generate(args) -> int:
     mesh = init_devices(args)
     enable_compilation_cache()
     _say(args, f"loading {args.model}")
-    target = load_target(args.model, args.dtype, mesh)
+    target = load_target(args.model, args.dtype, mesh, cfg=cfg)
     tok = target.tokenizer
     prompt = encode_prompt(tok, args.prompt, args.chat)
     _say(args, f"loaded in {time.perf_counter() - t0:.1f}s; compiling {args.method} and decoding")
@@ -139,7 +138,7 @@ def cmd_search_skip(args) -> int:
         raise InvalidArgumentError(f"--max-skip {args.max_skip}: the model has {cfg.num_layers} layers and at least "
                                    f"one must remain; use at most {cfg.num_layers - 1}")
     enable_compilation_cache()
-    target = load_target(args.model, args.dtype)
+    target = load_target(args.model, args.dtype, cfg=cfg)
     params, cfg = target.params, target.cfg
     prompts = calibration_prompts(target.tokenizer, args.num_prompts)
     # Calibration text is the target's own greedy answers (self-distillation, no external data).
@@ -160,13 +159,7 @@ def cmd_search_skip(args) -> int:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """Defaults for `parser` from a YAML file of `option: value` (option names as in --help, - or _)."""
-    import yaml
-
-    input_file(path, "--config")
-    try:
-        data = yaml.safe_load(Path(path).read_bytes()) or {}
-    except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    data = read_yaml(path, "--config")
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"config file {path} must be a mapping of option: value")
     actions = {a.dest: a for a in parser._actions}

@@ -153,12 +153,14 @@ def check_method_args(name: str, args, cfg=None) -> list[str]:
     return [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]
 
 
-def load_target(model, dtype: str, mesh=None) -> registry.Target:
-    """Tokenizer (checked against the model's vocabulary first), then the weights into their shards on `mesh`."""
+def load_target(model, dtype: str, mesh=None, cfg=None) -> registry.Target:
+    """Tokenizer (checked against the model's vocabulary first), then the weights into their shards on `mesh`.
+    `cfg`: the model's Config when the caller has read it already (`check_model`), so its header (seconds for
+    a GGUF file) is not parsed again for the check."""
     from spec_jax.models.registry import check_tokenizer_fits, load_config, load_model, load_tokenizer
 
     tok = load_tokenizer(model)
-    check_tokenizer_fits(tok, load_config(model, dtype), model)
+    check_tokenizer_fits(tok, cfg if cfg is not None else load_config(model, dtype), model)
     params, cfg = load_model(model, dtype, mesh=mesh)
     return registry.Target(params=params, cfg=cfg, tokenizer=tok, dtype=dtype, mesh=mesh)
 

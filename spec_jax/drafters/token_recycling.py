@@ -66,10 +66,9 @@ class TokenRecycling(TemplateDrafter):
             raise InvalidArgumentError(
                 f"token recycling matrix has shape {tuple(carry.shape)}, expected ({cfg.vocab_size}, {self.k}) "
                 "for this model and k; delete the matrix file or pass the matching --tr-k")
-        if isinstance(carry, np.ndarray) and carry.size and (carry.min() < 0 or carry.max() >= cfg.vocab_size):
-            bad = int(carry.min() if carry.min() < 0 else carry.max())
-            raise DataFormatError(f"token recycling matrix holds token id {bad}, outside this model's vocabulary "
-                                  f"[0, {cfg.vocab_size}); delete the matrix file to start from zeros")
+        if isinstance(carry, np.ndarray):  # a file or caller's array (a device array is the engine's own carry)
+            token_ids_in_range(carry, cfg.vocab_size, "token recycling matrix", "; delete the matrix file to start "
+                               "from zeros")
 
     def init(self, weights, carry, cfg: Config, batch: int, cache_size: int):
         M = jnp.zeros((cfg.vocab_size, self.k), jnp.int32) if carry is None else jnp.asarray(carry, jnp.int32)

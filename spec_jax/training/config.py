@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from spec_jax.checks import Range, input_file
+from spec_jax.checks import Range, read_yaml
 from spec_jax.errors import InvalidArgumentError
 
 # The fields a resumed run must share with the run that wrote its checkpoints: each changes the update at some
@@ -52,22 +52,7 @@ class TrainConfig:
     def from_mapping(cls, data: Mapping, source: str = "training config") -> TrainConfig:
         """A config from a mapping (a parsed YAML file, keys `-` or `_`), refusing unknown and missing keys by
         name; `source` (the file) starts every error."""
-        if not isinstance(data, Mapping):
-            raise InvalidArgumentError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {}
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                raise InvalidArgumentError(f"{source}: unknown key {key!r}; the training keys are {', '.join(names)}")
-            if value is None and name != "mesh":
-                raise InvalidArgumentError(f"{source}: {key} has no value; give one or delete the line")
-            values[name] = value
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in values]
-        if missing:
-            raise InvalidArgumentError(f"{source}: missing {', '.join(missing)} (required)")
-        return cls(**_checked(values, source))
+        return cls(**_checked(fields_from_mapping(cls, data, source, "training", nullable=("mesh",)), source))
 
     def to_dict(self) -> dict:
         """The fields as plain values (stored with every checkpoint)."""
@@ -88,16 +73,45 @@ CHECKS = {
 }
 
 
-def _checked(values: dict, source: str) -> dict:
-    """`values` converted and range-checked field by field (`CHECKS`), then across fields; errors name `source`
-    and the key."""
+def fields_from_mapping(cls, data, source: str, what: str, nullable: tuple[str, ...] = ()) -> dict:
+    """The values of dataclass `cls`'s fields from a mapping (a parsed YAML file; keys with `-` or `_`),
+    refusing a non-mapping, unknown keys, keys without a value (but `nullable` ones) and missing required
+    fields, each by name; `source` (the file) starts every error, `what` names the kind of keys."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgumentError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise InvalidArgumentError(f"{source}: unknown key {key!r}; the {what} keys are {', '.join(names)}")
+        if value is None and name not in nullable:
+            raise InvalidArgumentError(f"{source}: {key} has no value; give one or delete the line")
+        values[name] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise InvalidArgumentError(f"{source}: missing {', '.join(missing)} (required)")
+    return values
+
+
+def check_ranges(values: dict, checks: Mapping, source: str) -> dict:
+    """`values` with each key of `checks` present converted and range-checked by its `Range`; errors name
+    `source` and the key."""
     out = dict(values)
-    for name, check in CHECKS.items():
+    for name, check in checks.items():
         if name in out:
             try:
                 out[name] = check(out[name])
             except argparse.ArgumentTypeError as e:
                 raise InvalidArgumentError(f"{source}: {name}: {e}") from None
+    return out
+
+
+def _checked(values: dict, source: str) -> dict:
+    """`values` converted and range-checked field by field (`CHECKS`), then across fields; errors name `source`
+    and the key."""
+    out = check_ranges(values, CHECKS, source)
     if "warmup_steps" in out and "total_steps" in out and out["warmup_steps"] >= out["total_steps"]:
         raise InvalidArgumentError(f"{source}: warmup_steps ({out['warmup_steps']}) must be below total_steps "
                                    f"({out['total_steps']}): the cosine decay needs steps after it")
@@ -113,13 +127,7 @@ def _checked(values: dict, source: str) -> dict:
 def load_train_config(path: str, section: str | None = None) -> TrainConfig:
     """A `TrainConfig` from a YAML file: the whole file, or its mapping under `section` (a recipe's file keeps
     the training keys under, say, `train:` next to its own)."""
-    import yaml
-
-    input_file(path, "training config")
-    try:
-        data = yaml.safe_load(Path(path).read_bytes()) or {}
-    except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    data = read_yaml(path, "training config")
     if section is not None:
         if not isinstance(data, Mapping) or section not in data:
             raise InvalidArgumentError(f"config file {path}: no {section!r} section")

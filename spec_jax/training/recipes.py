@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.checks import Range
+from spec_jax.checks import Range, read_yaml
 from spec_jax.drafters.medusa import (
     TREE_NAMES,
     Medusa,
@@ -37,7 +37,7 @@ from spec_jax.drafters.medusa import (
     tree_paths,
 )
 from spec_jax.errors import DataFormatError, InvalidArgumentError
-from spec_jax.training.config import TrainConfig
+from spec_jax.training.config import TrainConfig, check_ranges, fields_from_mapping
 
 RECIPES = ("medusa",)
 
@@ -64,25 +64,10 @@ class Recipe:
 
     @classmethod
     def from_mapping(cls, data, source: str) -> Recipe:
-        if not isinstance(data, Mapping):
-            raise InvalidArgumentError(f"{source} must be a mapping of setting: value")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in fields:
-                raise InvalidArgumentError(f"{source}: unknown key {key!r}; the recipe keys are "
-                                           f"{', '.join(sorted(fields))}")
-        for key in ("recipe", "data", "out", "train"):
-            if key not in data:
-                raise InvalidArgumentError(f"{source}: missing the key {key!r}")
-        if data["recipe"] not in RECIPES:
-            raise InvalidArgumentError(f"{source}: recipe: must be one of {', '.join(RECIPES)}, got {data['recipe']!r}")
-        values = dict(data)
-        for key, check in cls.RANGES.items():
-            if key in values:
-                try:
-                    values[key] = check(values[key])
-                except Exception as e:  # noqa: BLE001 (argparse.ArgumentTypeError)
-                    raise InvalidArgumentError(f"{source}: {key}: {e}") from None
+        values = check_ranges(fields_from_mapping(cls, data, source, "recipe"), cls.RANGES, source)
+        if values["recipe"] not in RECIPES:
+            raise InvalidArgumentError(f"{source}: recipe: must be one of {', '.join(RECIPES)}, got "
+                                       f"{values['recipe']!r}")
         if values.get("tau_tree", "sim_8") not in TREE_NAMES:
             raise InvalidArgumentError(f"{source}: tau_tree: unknown tree {values['tau_tree']!r}")
         values["train"] = TrainConfig.from_mapping(values["train"], source=f"{source} (train)")
@@ -90,16 +75,7 @@ class Recipe:
 
 
 def load_recipe(path: str) -> Recipe:
-    import yaml
-
-    from spec_jax.checks import input_file
-
-    input_file(path, "--config")
-    try:
-        data = yaml.safe_load(Path(path).read_bytes()) or {}
-    except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    return Recipe.from_mapping(data, source=f"config file {path}")
+    return Recipe.from_mapping(read_yaml(path, "--config"), source=f"config file {path}")
 
 
 # ----------------------------------------------------------------------------- Medusa windows

@@ -25,7 +25,6 @@ stored [in, out], "bias": [K, E]}); `save_heads` / `load_heads` keep them in a d
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,18 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spec_jax.drafters import head_checkpoints as hc
+from spec_jax.drafters import vocab as dv
 from spec_jax.drafters.base import PrefillContext, StepContext, StepResult, TemplateDrafter
 from spec_jax.drafters.registry import Built, Option, register
-from spec_jax.errors import CheckpointError, DataFormatError, InvalidArgumentError
-from spec_jax.files import atomic_path
+from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.models import Config, final_norm, lm_head
-from spec_jax.sharding import replicated, to_global
 from spec_jax.trees import TreeTemplate
 
 HEAD_TYPE = "medusa"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "heads.safetensors"
-MODEL_FIELDS = ("hidden_size", "vocab_size", "num_layers")  # what a checkpoint must share with the target
+heads_meta = hc.heads_meta
 
 # Medusa's `mc_sim_7b_63` choice list (FasterDecoding/Medusa, medusa/model/medusa_choices.py): 63 nodes over 4
 # levels, top-10 per head, found by simulating acceptance of Vicuna-7B's heads. Listed, as there, by expected
@@ -91,15 +88,7 @@ def init_heads(cfg: Config, num_heads: int, rng: jax.Array | None = None, *, sca
                   "bias": scale * jax.random.normal(k_bias, (num_heads, E), jnp.float32)}
     else:
         params = {"kernel": np.zeros((num_heads, E, E), np.float32), "bias": np.zeros((num_heads, E), np.float32)}
-    return place_heads(params, mesh)
-
-
-def place_heads(head_params, mesh=None) -> dict:
-    """Head parameters as device arrays: replicated on `mesh` (they are small next to the target), else on the
-    default device."""
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, head_params)
-    return jax.tree.map(lambda x: to_global(np.asarray(x), replicated(mesh)), head_params)
+    return hc.place(params, mesh)
 
 
 def head_features(head_params, normed_BxE: jax.Array) -> jax.Array:
@@ -109,11 +98,14 @@ def head_features(head_params, normed_BxE: jax.Array) -> jax.Array:
     return normed_BxE[:, None, :] + jax.nn.silu(z_BxKxE + head_params["bias"].astype(dt)[None])
 
 
-def heads_logits(head_params, target_params, cfg: Config, hidden_BxE: jax.Array) -> jax.Array:
+def heads_logits(head_params, target_params, cfg: Config, hidden_BxE: jax.Array,
+                 vocab: dict | None = None) -> jax.Array:
     """Float32 logits [B, K, V] of every head at the target's last hidden states [B, E] (before the final norm):
-    the final norm, each head's residual block, then the target's frozen LM head (one pass for all heads)."""
+    the final norm, each head's residual block, then the target's frozen LM head (one pass for all heads).
+    With a reduced `vocab` (`vocab.reduced_vocab`), logits [B, K, Vd] over its tokens only."""
     normed_BxE = final_norm(target_params, cfg, hidden_BxE)
-    return lm_head(target_params, cfg, head_features(head_params, normed_BxE))
+    x_BxKxE = head_features(head_params, normed_BxE)
+    return lm_head(target_params, cfg, x_BxKxE) if vocab is None else dv.vocab_logits(vocab, x_BxKxE)
 
 
 def medusa_loss(head_params, target_params, cfg: Config, hidden_BxTxE: jax.Array, tokens_BxT: jax.Array,
@@ -179,8 +171,9 @@ class Medusa(TemplateDrafter):
         return dataclasses.replace(self, paths=template.paths)
 
     def check(self, cfg: Config, weights, carry) -> None:
-        if not isinstance(weights, Mapping) or set(weights) != {"kernel", "bias"}:
-            raise TypeError("the medusa drafter needs head weights {'kernel', 'bias'} (init_heads or load_heads)")
+        if not isinstance(weights, Mapping) or set(weights) - {"vocab"} != {"kernel", "bias"}:
+            raise TypeError("the medusa drafter needs head weights {'kernel', 'bias'} (init_heads or load_heads), "
+                            "and 'vocab' for a reduced draft vocabulary")
         K, E = self.num_heads, cfg.hidden_size
         shapes = tuple(np.shape(weights["kernel"])), tuple(np.shape(weights["bias"]))
         if shapes != ((K, E, E), (K, E)):
@@ -190,6 +183,7 @@ class Medusa(TemplateDrafter):
         if top > cfg.vocab_size:
             raise InvalidArgumentError(f"medusa tree uses the top {top} tokens per head but the vocabulary has only "
                                        f"{cfg.vocab_size}")
+        dv.check_weights(weights.get("vocab"), cfg, top, self.name)
 
     def init(self, weights, carry, cfg: Config, batch: int, cache_size: int):
         return {"hidden_BxE": jnp.zeros((batch, cfg.hidden_size), cfg.jnp_dtype)}
@@ -202,10 +196,11 @@ class Medusa(TemplateDrafter):
 
     def propose(self, weights, state, ctx: StepContext):
         tmpl = self.template
-        used = jax.tree.map(lambda w: w[: tmpl.max_depth], weights)  # heads below the tree's depth go unread
-        logits_BxDxV = heads_logits(used, ctx.target_params, ctx.cfg, state["hidden_BxE"])
+        vocab = weights.get("vocab")
+        used = {k: weights[k][: tmpl.max_depth] for k in ("kernel", "bias")}  # deeper heads go unread
+        logits_BxDxV = heads_logits(used, ctx.target_params, ctx.cfg, state["hidden_BxE"], vocab)
         top_BxDxR = jax.lax.top_k(logits_BxDxV, int(tmpl.ranks.max()) + 1)[1].astype(jnp.int32)
-        tokens_BxN = top_BxDxR[:, tmpl.depth - 1, tmpl.ranks]  # node (.., r) at depth d: head d-1's rank r
+        tokens_BxN = dv.to_target_ids(vocab, top_BxDxR[:, tmpl.depth - 1, tmpl.ranks])  # head d-1's rank r
         return tmpl.build(tokens_BxN), state, ctx.cache
 
     def observe(self, weights, state, result: StepResult):
@@ -219,94 +214,41 @@ class Medusa(TemplateDrafter):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def heads_meta(cfg: Config, **extra) -> dict:
-    """The `meta` of `save_heads` for heads trained on model `cfg`, with any extra fields (recipe, data, step)."""
-    return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers, **extra}
+def _shapes(config: dict) -> dict:
+    K, E = config["num_heads"], config["hidden_size"]
+    return {"kernel": (K, E, E), "bias": (K, E)}
 
 
-def save_heads(path: str | os.PathLike, head_params, meta: Mapping) -> Path:
-    """Write heads as a directory (atomically): `config.json` (head type, number of heads, the target model's
-    hidden size, vocabulary and layer count from `meta`, and meta's other fields) and `heads.safetensors`
-    (float32 `kernel` [K, E, E] stored [in, out], `bias` [K, E]). Returns `path`."""
-    from safetensors.numpy import save_file
-
-    missing = [f for f in MODEL_FIELDS if f not in meta]
-    if missing:
-        raise InvalidArgumentError(f"save_heads: meta lacks {', '.join(missing)} of the target model "
-                                   "(build it with heads_meta(cfg))")
-    kernel = np.asarray(jax.device_get(head_params["kernel"]), np.float32)
-    bias = np.asarray(jax.device_get(head_params["bias"]), np.float32)
-    K, E = bias.shape
-    if kernel.shape != (K, E, E) or E != meta["hidden_size"]:
-        raise InvalidArgumentError(f"save_heads: kernel {kernel.shape} and bias {bias.shape} are not {K} heads of "
-                                   f"hidden size {meta['hidden_size']}")
-    config = {**meta, "head_type": HEAD_TYPE, "num_heads": K}
-    with atomic_path(path, directory=True) as tmp:
-        save_file({"kernel": kernel, "bias": bias}, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return Path(path)
+def save_heads(path: str | os.PathLike, head_params, meta: Mapping, ranking_V: np.ndarray | None = None) -> Path:
+    """Write Medusa heads as a heads directory (`head_checkpoints.save_heads`): float32 `kernel` [K, E, E]
+    stored [in, out] and `bias` [K, E]; `meta` from `heads_meta(cfg, ...)`. Returns `path`."""
+    K, E = np.shape(head_params["bias"])
+    if tuple(np.shape(head_params["kernel"])) != (K, E, E) or E != meta.get("hidden_size", E):
+        raise InvalidArgumentError(f"save_heads: kernel {np.shape(head_params['kernel'])} and bias {(K, E)} are not "
+                                   f"{K} heads of hidden size {meta.get('hidden_size')}")
+    params = {"kernel": head_params["kernel"], "bias": head_params["bias"]}
+    return hc.save_heads(path, HEAD_TYPE, params, {**meta, "num_heads": int(K)}, ranking_V)
 
 
 def read_heads_config(path: str | os.PathLike, cfg: Config) -> dict:
-    """A heads directory's `config.json`, refused unless it is Medusa heads for this model (hidden size,
-    vocabulary and layer count) and its weights file is there. Reads no weights."""
-    path = Path(path)
-    file = path / CONFIG_FILE
-    if not file.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path}: not a draft-heads directory (expected {CONFIG_FILE} and {WEIGHTS_FILE}, "
-                              "as written by save_heads)")
-    try:
-        config = json.loads(file.read_bytes())
-        num_heads = config["num_heads"]
-        head_type = config["head_type"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise DataFormatError(f"{file}: not a draft-heads config ({e!r}); expected JSON with head_type, "
-                              f"num_heads, {', '.join(MODEL_FIELDS)}") from None
-    if head_type != HEAD_TYPE:
-        raise DataFormatError(f"{file}: head_type is {head_type!r}, this method needs {HEAD_TYPE!r} heads")
-    for field in MODEL_FIELDS:
-        if config.get(field) != getattr(cfg, field):
-            raise DataFormatError(f"{file}: heads trained for a model with {field} {config.get(field)}, this model "
-                                  f"has {getattr(cfg, field)}; use heads trained for this model")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise DataFormatError(f"{file}: num_heads must be a positive integer, got {num_heads!r}")
+    """A heads directory's config, refused unless it is Medusa heads for this model. Reads no weights."""
+    config = hc.read_heads_config(path, cfg, HEAD_TYPE, {"num_heads": int})
+    if config["num_heads"] < 1:
+        raise DataFormatError(f"{Path(path) / hc.CONFIG_FILE}: num_heads must be a positive integer, got "
+                              f"{config['num_heads']}")
     return config
 
 
 def load_heads(path: str | os.PathLike, cfg: Config, *, mesh=None) -> dict:
-    """Heads saved by `save_heads`, checked against model `cfg` (see `read_heads_config`) and their own config;
-    float32, placed replicated on `mesh` when given."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    config = read_heads_config(path, cfg)
-    file = Path(path) / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
-    K, E = config["num_heads"], cfg.hidden_size
-    want = {"kernel": (K, E, E), "bias": (K, E)}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != want:
-        raise DataFormatError(f"{file}: holds {got}, expected {want} for the {K} heads its {CONFIG_FILE} declares")
-    return place_heads({k: tensors[k].astype(np.float32) for k in want}, mesh)
-
-
-# ----------------------------------------------------------------------------- registry
-
-SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "heads"  # spec_jax/heads/<name>/: trained for a shipped model
+    """Medusa heads saved by `save_heads`, checked against model `cfg` and their own config; float32, placed
+    replicated on `mesh` when given."""
+    read_heads_config(path, cfg)
+    return hc.load_heads(path, cfg, HEAD_TYPE, _shapes, mesh=mesh)[0]
 
 
 def shipped_heads(cfg: Config) -> Path | None:
     """The Medusa heads shipped with spec-jax for a model of this shape (the embedded SmolLM2-135M), if any."""
-    for path in sorted(SHIPPED_HEADS.glob("medusa_*")):
-        try:
-            read_heads_config(path, cfg)
-        except (CheckpointError, DataFormatError):
-            continue
-        return path
-    return None
+    return hc.shipped_heads(cfg, HEAD_TYPE)
 
 
 MEDUSA_OPTIONS = (
@@ -317,6 +259,7 @@ MEDUSA_OPTIONS = (
     Option("medusa_tree", str, "mc_sim_7b_63", "static tree shape (Medusa choice list): mc_sim_7b_63 (63 nodes, "
            "4 levels), its first 16 or 8 nodes (sim_16, sim_8; 3 levels), or chain (each head's top token); prune "
            "further with --budget", choices=TREE_NAMES),
+    dv.VOCAB_OPTION,
 )
 
 
@@ -324,16 +267,12 @@ def check_medusa(opts, cfg: Config) -> None:
     """`--heads` is Medusa heads for this model (its config only, before any weights load); the tree is no
     deeper than there are heads."""
     num_heads, source = opts.medusa_heads, f"--medusa-heads {opts.medusa_heads}"
-    if opts.heads is not None:
-        if not Path(opts.heads).is_dir():
-            what = "not a directory" if Path(opts.heads).exists() else "no such directory"
-            raise InvalidArgumentError(f"--heads {opts.heads}: {what}; give a directory of trained heads "
-                                       f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-        num_heads = read_heads_config(Path(opts.heads), cfg)["num_heads"]
-        source = f"the {num_heads} heads of --heads {opts.heads}"
-    elif (shipped := shipped_heads(cfg)) is not None:
-        num_heads = read_heads_config(shipped, cfg)["num_heads"]
-        source = f"the {num_heads} heads shipped in {shipped}"
+    path = hc.heads_path(opts, cfg, HEAD_TYPE)
+    if path is not None:
+        num_heads = read_heads_config(path, cfg)["num_heads"]
+        source = f"the {num_heads} heads of " + (f"--heads {opts.heads}" if opts.heads else f"shipped {path}")
+    paths = tree_paths(opts.medusa_tree, num_heads)
+    dv.check_option(opts.draft_vocab, cfg, path, min_size=int(TreeTemplate(paths).ranks.max()) + 1)
     depth = max(map(len, tree_paths(opts.medusa_tree, num_heads)))
     if depth > num_heads:
         fits = [name for name in TREE_NAMES if max(map(len, tree_paths(name, num_heads))) <= num_heads]
@@ -347,10 +286,11 @@ def check_medusa(opts, cfg: Config) -> None:
           options=MEDUSA_OPTIONS, check=check_medusa,
           prunable=True)
 def build(opts, target) -> Built:
-    path = Path(opts.heads) if opts.heads is not None else shipped_heads(target.cfg)
+    path = hc.heads_path(opts, target.cfg, HEAD_TYPE)
     if path is not None:
         weights = load_heads(path, target.cfg, mesh=target.mesh)
     else:
         weights = init_heads(target.cfg, opts.medusa_heads, mesh=target.mesh)
     num_heads = int(weights["kernel"].shape[0])
+    weights = dv.with_vocab(weights, opts.draft_vocab, target, path)
     return Built(Medusa(num_heads=num_heads, paths=tree_paths(opts.medusa_tree, num_heads)), weights=weights)

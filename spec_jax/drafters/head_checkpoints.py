@@ -1,0 +1,170 @@
+"""Trained draft heads on disk, for every head family (Medusa, Hydra, EAGLE): one directory each.
+
+    <dir>/config.json         head_type, the target model's hidden_size / vocab_size / num_layers, the
+                              family's own settings (number of heads, layers read, ...) and free metadata
+                              (recipe, data manifest hash, metrics)
+    <dir>/heads.safetensors   the parameters, float32, nested names joined with "." ("fc.kernel")
+    <dir>/token_ranking.npy   (optional) token ids by frequency in the training data (`vocab.py`)
+
+`save_heads` writes the directory atomically; `read_heads_config` checks the config against the model and
+the head type before any weights are read (what a method's registry `check` calls); `load_heads` checks the
+tensors against the shapes the family expects from that config, so a truncated or mismatched file is one
+clear error, never a shape error deep inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from spec_jax.errors import CheckpointError, DataFormatError, InvalidArgumentError
+from spec_jax.files import atomic_path
+from spec_jax.models import Config
+from spec_jax.sharding import replicated, to_global
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "heads.safetensors"
+RANKING_FILE = "token_ranking.npy"
+MODEL_FIELDS = ("hidden_size", "vocab_size", "num_layers")  # what a checkpoint must share with the target
+SHIPPED = Path(__file__).resolve().parents[1] / "heads"  # spec_jax/heads/<type>_<model>/: shipped with spec-jax
+
+
+def heads_meta(cfg: Config, **extra) -> dict:
+    """The model fields `save_heads` needs for heads trained on model `cfg`, with any extra fields."""
+    return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers, **extra}
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"fc": {"kernel": a}} -> {"fc.kernel": a} (host float32 arrays)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(jax.device_get(v), np.float32)
+    return out
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        *path, leaf = name.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def save_heads(path: str | os.PathLike, head_type: str, params: Mapping, meta: Mapping,
+               ranking_V: np.ndarray | None = None) -> Path:
+    """Write heads of `head_type` to directory `path` (atomically): config.json (`meta`, which must hold the
+    target's MODEL_FIELDS: `heads_meta(cfg, ...)`, plus the head type) and the parameters; with `ranking_V`,
+    the token ranking for `--draft-vocab`."""
+    from safetensors.numpy import save_file
+
+    missing = [f for f in MODEL_FIELDS if f not in meta]
+    if missing:
+        raise InvalidArgumentError(f"save_heads: meta lacks {', '.join(missing)} of the target model "
+                                   "(build it with heads_meta(cfg))")
+    config = {**meta, "head_type": head_type}
+    with atomic_path(path, directory=True) as tmp:
+        save_file(flatten(params), str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if ranking_V is not None:
+            np.save(tmp / RANKING_FILE, np.asarray(ranking_V, np.int32))
+    return Path(path)
+
+
+def read_heads_config(path: str | os.PathLike, cfg: Config, head_type: str,
+                      required: Mapping[str, type] | None = None) -> dict:
+    """A heads directory's config, refused unless it holds `head_type` heads for this model (hidden size,
+    vocabulary and layer count), has its weights file, and has each `required` field with its type. Reads
+    no weights."""
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path}: not a draft-heads directory (expected {CONFIG_FILE} and {WEIGHTS_FILE}, "
+                              "as written by save_heads)")
+    try:
+        config = json.loads(file.read_bytes())
+        found = config["head_type"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DataFormatError(f"{file}: not a draft-heads config ({e!r}); expected a JSON object with head_type "
+                              f"and {', '.join(MODEL_FIELDS)}") from None
+    if found != head_type:
+        raise DataFormatError(f"{file}: head_type is {found!r}, this method needs {head_type!r} heads; use "
+                              f"--method {found} for them" if isinstance(found, str) else
+                              f"{file}: head_type must be a string, got {found!r}")
+    for field in MODEL_FIELDS:
+        if config.get(field) != getattr(cfg, field):
+            raise DataFormatError(f"{file}: heads trained for a model with {field} {config.get(field)}, this model "
+                                  f"has {getattr(cfg, field)}; use heads trained for this model")
+    for field, kind in (required or {}).items():
+        value = config.get(field)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok or (kind is int and value < 0):
+            want = "non-negative integer" if kind is int else kind.__name__
+            raise DataFormatError(f"{file}: {field} must be a {want}, got {value!r}")
+    return config
+
+
+def load_heads(path: str | os.PathLike, cfg: Config, head_type: str,
+               shapes: Callable[[dict], Mapping[str, tuple[int, ...]]], *,
+               required: Mapping[str, type] | None = None, mesh=None) -> tuple[dict, dict]:
+    """(params, config) of heads saved by `save_heads`: the config checked as `read_heads_config` does, the
+    tensors against `shapes(config)` (flat names -> shapes); float32, replicated on `mesh` when given."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config = read_heads_config(path, cfg, head_type, required)
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
+    want = dict(shapes(config))
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))
+        raise DataFormatError(f"{file}: its tensors do not match what its {CONFIG_FILE} declares "
+                              f"({', '.join(f'{k} {s}' for k, s in diff[:4])}); the checkpoint is damaged or "
+                              "was not written by save_heads")
+    params = unflatten({k: tensors[k].astype(np.float32) for k in want})
+    return place(params, mesh), config
+
+
+def place(params, mesh=None):
+    """Parameters as device arrays: replicated on `mesh` (heads are small next to the target), else on the
+    default device."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, params)
+    return jax.tree.map(lambda x: to_global(np.asarray(x), replicated(mesh)), params)
+
+
+def shipped_heads(cfg: Config, head_type: str) -> Path | None:
+    """The `head_type` heads shipped with spec-jax for a model of this shape (the embedded SmolLM2-135M)."""
+    for path in sorted(SHIPPED.glob(f"{head_type}_*")):
+        try:
+            read_heads_config(path, cfg, head_type)
+        except (CheckpointError, DataFormatError):
+            continue
+        return path
+    return None
+
+
+def heads_path(opts, cfg: Config, head_type: str, flag: str = "--heads") -> Path | None:
+    """`--heads` checked to be a directory (one clear error otherwise), else the shipped heads, else None."""
+    if opts.heads is None:
+        return shipped_heads(cfg, head_type)
+    path = Path(opts.heads)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise InvalidArgumentError(f"{flag} {opts.heads}: {what}; give a directory of trained heads "
+                                   f"({CONFIG_FILE} + {WEIGHTS_FILE})")
+    return path

@@ -72,6 +72,26 @@ def batch_sharding(x, mesh) -> NamedSharding:
     return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
 
 
+FSDP_MIN_SIZE = 2**14  # smaller arrays stay replicated under FSDP: splitting them would save little memory
+
+
+def fsdp_sharding(x, mesh, axis: str = DATA, min_size: int = FSDP_MIN_SIZE) -> NamedSharding:
+    """`x`'s sharding for FSDP-style training: split over mesh `axis` along its largest dimension that `axis`'s
+    size divides (the last of equal ones), replicated when it has no such dimension or fewer than `min_size`
+    elements.
+
+    Trainable pytrees (draft heads, say `kernel [K, E, E]`) carry no logical axis names, so the dimension is
+    chosen by shape: the largest is the hidden size (or the vocabulary) in every head family here. Any choice
+    computes the same thing, since XLA gathers the array where a step uses it whole; the largest gives the
+    smallest shards."""
+    shape, n = np.shape(x), mesh.shape[axis]
+    fits = [i for i, dim in enumerate(shape) if dim % n == 0]
+    if n == 1 or not fits or np.prod(shape, dtype=np.int64) < min_size:
+        return replicated(mesh)
+    dim = max(fits, key=lambda i: (shape[i], i))
+    return NamedSharding(mesh, PartitionSpec(*(axis if i == dim else None for i in range(len(shape)))))
+
+
 def parse_mesh(text: str | None, devices=None):
     """`--mesh`: None or '' (no mesh), 'auto' (every device on `model`), or 'data=2,model=4'."""
     from spec_jax.errors import InvalidArgumentError

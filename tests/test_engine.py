@@ -78,7 +78,7 @@ def test_dynamic_tree_shape(tiny):
     rng = np.random.default_rng(0)
     table = jnp.asarray(rng.normal(size=(256, 256)) * 2, jnp.float32)  # toy bigram "draft model"
 
-    def tree_step(cache, tokens, positions, mask):
+    def tree_step(cache, tokens, positions, mask, parent_slots):
         assert mask.shape[1] == tokens.shape[1] and mask.shape[2] % tokens.shape[1] == 0
         return table[tokens], cache
 

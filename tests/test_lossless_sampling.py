@@ -114,13 +114,16 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld", "lookahead",
-                                     "sam", "sam_tr"])
+                                     "sam", "sam_tr", "medusa", "medusa_vocab", "eagle", "eagle_vocab"])
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
+    from spec_jax.drafters.eagle import Eagle, init_eagle
     from spec_jax.drafters.lookahead import Lookahead
+    from spec_jax.drafters.medusa import MEDUSA_TREES, Medusa, init_heads
+    from spec_jax.drafters.vocab import reduced_vocab
     from spec_jax.drafters.prompt_lookup import PromptLookup
     from spec_jax.drafters.suffix_automaton import SAMTokenRecycling, SuffixAutomatonDrafter
     from spec_jax.drafters.token_recycling import TokenRecycling
@@ -153,11 +156,20 @@ def test_engine_sampling_matches_ar(drafter):
         "lookahead": Lookahead(window=2, ngram=3, candidates=2),  # pool seeded with the prompt's n-grams
         "sam": SuffixAutomatonDrafter(k=3),
         "sam_tr": SAMTokenRecycling(k=3, levels=(3, 2), sam_k=3, min_match=2),
-    }[drafter]
+        "medusa": Medusa(num_heads=3, paths=MEDUSA_TREES["sim_8"]),
+        "eagle": Eagle(tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
+    }[drafter.removesuffix("_vocab")]
     carry = None
     if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
         carry = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
     weights = dparams if drafter == "chain" or drafter.startswith("tree") else None
+    if drafter.startswith("medusa"):  # random heads (zero ones draft the LM head's own top tokens)
+        weights = init_heads(cfg, 3, jax.random.key(4), scale=0.5)
+    if drafter.startswith("eagle"):
+        weights = init_eagle(cfg, jax.random.key(4))
+    if drafter.endswith("_vocab"):  # drafts from half the vocabulary, in a shuffled frequency order
+        ranking = np.random.default_rng(1).permutation(cfg.vocab_size)
+        weights = {**weights, "vocab": reduced_vocab(params, cfg, ranking, 4)}
     spec_engine = Engine(cfg, spec_drafter, s)
     spec = sum(joint(spec_engine, weights, carry, seed + 100) for seed in range(2))
     # Two-sample chi-square between the AR and speculative samples.

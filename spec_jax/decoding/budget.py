@@ -1,9 +1,9 @@
-"""`--budget auto`: size a tree drafter's template for this device (see `policies.budget`).
+"""`--budget auto`: size a tree drafter's tree for this device (see `policies.budget`).
 
-A calibration run with the drafter's largest template records how often each node is accepted
+A calibration run with the drafter's largest tree records how often each node slot is accepted
 and how long drafting takes; together with the measured cost of verifying T tokens on this device
-that gives the template size with the most expected tokens per second, and the template is pruned
-to it.
+that gives the tree size with the most expected tokens per second, and the drafter is pruned to it
+(`Drafter.pruned`: a static template keeps its most accepted nodes, a dynamic tree its budget).
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import numpy as np
 
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.generate import generate
-from spec_jax.drafters.base import TemplateDrafter
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.metrics import tau
-from spec_jax.policies.budget import choose_budget, measure_forward_cost, prune_template
-from spec_jax.trees import rank_prior
+from spec_jax.policies.budget import choose_budget, measure_forward_cost
 
 
 def parse_budget(text) -> int | str | None:
@@ -47,18 +45,15 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
     if budget is None:
         return engine, carry, None
     drafter = engine.drafter
-    if not (isinstance(drafter, TemplateDrafter) and drafter.prunable):
-        raise InvalidArgumentError(f"--budget applies to methods with a prunable static tree; {drafter.name} has "
+    if not drafter.prunable:
+        raise InvalidArgumentError(f"--budget applies to methods with a prunable tree; {drafter.name} has "
                                    "none (`spec-jax methods` describes each method)")
     if budget == "auto":
         engine, report, carry = auto_budget(engine, params, calibration, weights=weights, carry=carry)
         return engine, carry, report
-    tmpl = drafter.template
-    if budget > tmpl.num_nodes:
-        raise InvalidArgumentError(f"--budget {budget} must be between 1 and the template's {tmpl.num_nodes} nodes")
-    prior = np.array([rank_prior(p) for p in tmpl.paths])  # the order the template itself was built in
-    pruned = drafter.with_template(prune_template(tmpl, prior, budget))
-    return dataclasses.replace(engine, drafter=pruned), carry, {"nodes": budget}
+    if budget > drafter.shape.nodes:
+        raise InvalidArgumentError(f"--budget {budget} must be between 1 and the tree's {drafter.shape.nodes} nodes")
+    return dataclasses.replace(engine, drafter=drafter.pruned(budget)), carry, {"nodes": budget}
 
 
 def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights=None, carry=None,
@@ -86,12 +81,12 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
     rates = hits / max(steps, 1)
     cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(N + 1), mesh=engine.mesh)
     n, curve = choose_budget(rates, cost, draft_s / max(steps, 1))
-    template = prune_template(drafter.template, rates, n)
-    report = {"nodes": template.num_nodes, "depth": template.max_depth, "of_nodes": N,
+    pruned = drafter.pruned(n, rates)
+    report = {"nodes": pruned.shape.nodes, "depth": pruned.shape.depth, "of_nodes": N,
               "expected_tau": next(c["expected_tau"] for c in curve if c["nodes"] == n),
               "calibration_tau": tau(new, forwards, runs), "draft_seconds_per_step": draft_s / max(steps, 1),
               "cost_seconds": cost, "curve": curve}
-    return dataclasses.replace(engine, drafter=drafter.with_template(template)), report, carry
+    return dataclasses.replace(engine, drafter=pruned), report, carry
 
 
 def _sizes(max_tokens: int) -> tuple[int, ...]:

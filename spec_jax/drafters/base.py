@@ -120,6 +120,8 @@ class Drafter:
 
     name: ClassVar[str] = "ar"
     host: ClassVar[bool] = False  # True for drafters whose propose runs on the host (timed separately)
+    # True for drafters whose tree can be shrunk to any node count by `pruned` (`--budget N|auto`).
+    prunable: ClassVar[bool] = False
 
     @property
     def shape(self) -> DraftShape:
@@ -149,6 +151,12 @@ class Drafter:
     def observe(self, weights, state, result: StepResult):
         return state
 
+    def pruned(self, nodes: int, rates: np.ndarray | None = None) -> Drafter:
+        """This drafter with its tree shrunk to `nodes` nodes (prunable drafters). `rates[i]`, when given, is
+        how often node slot i was accepted in a calibration run (`--budget auto`); else the drafter's own
+        order of preference decides which nodes go."""
+        raise InvalidArgumentError(f"method {self.name} has no prunable tree")
+
     def carry_out(self, state):
         """What the next request starts from (drafters that learn while decoding); None otherwise."""
         return None
@@ -163,10 +171,8 @@ class TemplateDrafter(Drafter):
     """A drafter whose trees all have one static shape, `template`; its `shape` follows from it.
 
     `prunable` drafters fill any sub-tree of their template equally well, so `--budget N|auto` can
-    shrink the template (`with_template`) to what this device verifies fastest.
+    shrink the template (`pruned`, through `with_template`) to what this device verifies fastest.
     """
-
-    prunable: ClassVar[bool] = False
 
     @property
     def template(self) -> TreeTemplate:
@@ -179,3 +185,16 @@ class TemplateDrafter(Drafter):
     def with_template(self, template: TreeTemplate) -> TemplateDrafter:
         """This drafter with its tree replaced by `template` (a pruned sub-tree of its own); prunable only."""
         raise InvalidArgumentError(f"method {self.name} has no prunable tree")
+
+    def pruned(self, nodes: int, rates: np.ndarray | None = None) -> TemplateDrafter:
+        """The sub-tree of `nodes` nodes with the highest calibrated `rates`, or else the template's own rank
+        prior (the order Medusa-style choice lists are built in), closed under ancestors."""
+        from spec_jax.policies.budget import prune_template
+        from spec_jax.trees import rank_prior
+
+        if not self.prunable:
+            return super().pruned(nodes, rates)
+        tmpl = self.template
+        if rates is None:
+            rates = np.array([rank_prior(p) for p in tmpl.paths])
+        return self.with_template(prune_template(tmpl, rates, nodes))

@@ -99,7 +99,7 @@ class DraftModelTree(_DraftModelBase, Drafter):
                       logits_at=jnp.ones((first_Bx2.shape[0], 1), jnp.int32))
         base_B = ctx.committed_B + 1  # committed draft entries: the prompt, the accepted tokens, the pending one
 
-        def tree_step(cache, tokens, positions, tree_mask):
+        def tree_step(cache, tokens, positions, tree_mask, parent_slots):
             o = forward(weights, self.draft_cfg, tokens, positions, cache.replace(lengths=base_B), tree_mask)
             return o.logits, o.cache
 

@@ -26,9 +26,11 @@ from spec_jax.drafters.registry import Option
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.trees import DraftTree, ancestor_mask_from_parents
 
-# tree_step(cache, tokens[B, W], positions[B, W], tree_mask[B, W, C]) -> (logits[B, W, V], cache):
-# the W tokens attend to the committed cache and to the scratch slots their mask row allows; their
-# entries are written at the last W of the C scratch slots.
+# tree_step(cache, tokens[B, W], positions[B, W], tree_mask[B, W, C], parent_slots[B, W]) -> (logits[B, W, V],
+# cache): the W tokens attend to the committed cache and to the scratch slots their mask row allows; their
+# entries are written at the last W of the C scratch slots. `parent_slots` is the scratch slot of each token's
+# parent (-1: the root), for drafters that feed a node what its parent computed (EAGLE's features). `cache` is
+# any pytree the drafter threads through.
 TreeStep = Callable
 
 
@@ -118,7 +120,7 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
         cand_fed[-1] = jnp.full(level_tok_BxC.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top_BxW].set(
             slots_W[None])
         positions_BxW = (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32)
-        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxF)
+        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxF, f_parent_slot_BxW)
         toks_BxC, logq_BxC, qs = _children(keys[d], logits_BxWxV, spec, s)
         score_BxC = jnp.repeat(f_score_BxW, k, axis=1) + logq_BxC
         parent_idx_BxW = level_start + top_BxW  # candidate index of each expanded node
@@ -138,8 +140,13 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
     if spec.sampled:  # siblings are kept together: the whole expansion is the tree
         return _tree(tok_BxM, parent_BxM, depth_BxM, cat(cand_q)), fed_BxM, cache
     # Keep the best `budget` candidates; a tiny depth penalty breaks parent/child ties toward the parent.
-    keep_BxN = jax.lax.top_k(score_BxM - 1e-6 * depth_BxM, spec.budget)[1]
-    keep_BxN = jnp.sort(keep_BxN, axis=1)  # candidate order is breadth-first, so sorted indices stay so
+    score_BxM = score_BxM - 1e-6 * depth_BxM
+    keep_BxN = jax.lax.top_k(score_BxM, spec.budget)[1]
+    # Breadth-first (parents first, depths non-decreasing), best first within a level: slot i's acceptance
+    # rate then ranks like the node's score, which `--budget auto` prunes by.
+    kept_depth_BxN, kept_score_BxN = (jnp.take_along_axis(a, keep_BxN, 1) for a in (depth_BxM, score_BxM))
+    order_BxN = jax.vmap(lambda d, s: jnp.lexsort((-s, d)))(kept_depth_BxN, kept_score_BxN)
+    keep_BxN = jnp.take_along_axis(keep_BxN, order_BxN, 1)
     new_index_BxM = jax.vmap(lambda kp: jnp.full((tok_BxM.shape[1],), -1, jnp.int32).at[kp].set(
         jnp.arange(spec.budget, dtype=jnp.int32)))(keep_BxN)
     take = lambda a: jnp.take_along_axis(a, keep_BxN, axis=1)
@@ -155,14 +162,19 @@ def _tree(tokens_BxN, parents_BxN, depth_BxN, q) -> DraftTree:
                      mask=ancestor_mask_from_parents(parents_BxN), valid=jnp.ones((B, N), bool), q=q)
 
 
-TREE_OPTIONS = (
-    Option("tree_depth", int, 4, "levels of the dynamic tree", min=1),
-    Option("tree_width", int, 4, "nodes expanded per level", min=1),
-    Option("tree_k", int, 4, "children per expanded node", min=1),
-    Option("tree_budget", int, 12, "nodes kept for verification", min=1),
-    Option("sampled_children", bool, False, "draw children i.i.d. from the draft (recursive rejection "
-           "sampling) instead of its top-k; keeps the whole expansion"),
-)
+def tree_options(depth: int = 4, width: int = 4, k: int = 4, budget: int = 12) -> tuple[Option, ...]:
+    """The dynamic-tree flags, with a method's own defaults."""
+    return (
+        Option("tree_depth", int, depth, "levels of the dynamic tree", min=1),
+        Option("tree_width", int, width, "nodes expanded per level", min=1),
+        Option("tree_k", int, k, "children per expanded node", min=1),
+        Option("tree_budget", int, budget, "nodes kept for verification (--budget N|auto sets it)", min=1),
+        Option("sampled_children", bool, False, "draw children i.i.d. from the draft (recursive rejection "
+               "sampling) instead of its top-k; keeps the whole expansion"),
+    )
+
+
+TREE_OPTIONS = tree_options()
 
 
 def check_tree(opts) -> None:

@@ -32,9 +32,13 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir).absolute() / "checkpoints"
 
 
-def abstract(tree, sharding):
-    """`tree`'s arrays as `jax.ShapeDtypeStruct`s with one `sharding`: what orbax restores into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+def abstract(tree, sharding=None):
+    """`tree`'s arrays as `jax.ShapeDtypeStruct`s with one `sharding`, or (None) each with its own: what orbax
+    restores into."""
+    def struct(x):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding if sharding is None else sharding)
+
+    return jax.tree.map(struct, tree)
 
 
 class Checkpoints:
@@ -63,9 +67,10 @@ class Checkpoints:
                                                         meta=ocp.args.JsonSave(meta)))
 
     def restore(self, step: int, params_like, opt_state_like, sharding, config: TrainConfig | None = None):
-        """(params, opt_state, meta) of checkpoint `step`, placed with `sharding`; refused when the arrays do not
-        match `params_like` / `opt_state_like`, or when `config` differs from the saved run in a field that
-        changes the updates (`RUN_DEFINING`)."""
+        """(params, opt_state, meta) of checkpoint `step`, placed with `sharding`, or (None) each array on the
+        sharding of its counterpart in `params_like` / `opt_state_like` (whatever the sharding it was saved
+        from); refused when the arrays do not match those, or when `config` differs from the saved run in a field
+        that changes the updates (`RUN_DEFINING`)."""
         where = f"checkpoint {step} in {self.directory}"
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

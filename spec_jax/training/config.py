@@ -27,8 +27,10 @@ class TrainConfig:
 
     `output_dir` holds `checkpoints/<step>/` (orbax), `metrics.jsonl` and `loss.png`; a run started again with
     the same `output_dir` resumes from its latest checkpoint. `mesh` is `None` (one device), `auto` or
-    `data=D,model=M` as `--mesh` takes it (`spec_jax.sharding.parse_mesh`). `eval_every` 0 evaluates only at
-    the end.
+    `data=D,model=M` as `--mesh` takes it (`spec_jax.sharding.parse_mesh`). `fsdp` splits the trainable
+    parameters and the optimiser state over the mesh's `data` axis (`spec_jax.sharding.fsdp_sharding`) instead
+    of replicating them: less memory per device, the same updates, so a run may resume under the other value.
+    `eval_every` 0 evaluates only at the end.
     """
 
     total_steps: int
@@ -43,6 +45,7 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     mesh: str | None = None
+    fsdp: bool = False
 
     def __post_init__(self):
         for name, value in _checked(dataclasses.asdict(self), "training config").items():
@@ -119,6 +122,8 @@ def _checked(values: dict, source: str) -> dict:
         if not isinstance(out["output_dir"], str | Path) or not str(out["output_dir"]):
             raise InvalidArgumentError(f"{source}: output_dir must be a folder name, got {out['output_dir']!r}")
         out["output_dir"] = str(out["output_dir"])
+    if "fsdp" in out and not isinstance(out["fsdp"], bool):
+        raise InvalidArgumentError(f"{source}: fsdp must be true or false, got {out['fsdp']!r}")
     if out.get("mesh") is not None and not isinstance(out["mesh"], str):
         raise InvalidArgumentError(f"{source}: mesh must be 'auto' or 'data=D,model=M', got {out['mesh']!r}")
     return out

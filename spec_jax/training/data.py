@@ -428,17 +428,24 @@ class TrainingData:
             raise DataFormatError(f"{self.path}: shard {shard}: array {arr!r} cannot be read ({first_line(e)}); "
                                   "the shard is truncated or corrupt") from None
 
-    def read(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
-        """Every array at the given global rows, in the given order."""
+    def read(self, rows: Iterable[int], arrays: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Every array (or those named in `arrays`) at the given global rows, in the given order."""
         rows_R = np.asarray(list(rows), np.int64)
         if rows_R.size and (rows_R.min() < 0 or rows_R.max() >= len(self)):
             raise InvalidArgumentError(f"rows must be in [0, {len(self)}), got {rows_R.min()}..{rows_R.max()}")
         shard_R = np.searchsorted(self.offsets, rows_R, side="right") - 1
-        out = {arr: np.zeros((len(rows_R), *s["row"]), _np_dtype(s["dtype"])) for arr, s in self.specs.items()}
+        names = list(self.specs) if arrays is None else list(arrays)
+        unknown = sorted(set(names) - set(self.specs))
+        if unknown:
+            raise DataFormatError(f"{self.path}: no array {', '.join(map(repr, unknown))} (it has "
+                                  f"{', '.join(self.specs)}); make the data with the settings this recipe needs")
+        out = {arr: np.zeros((len(rows_R), *self.specs[arr]["row"]), _np_dtype(self.specs[arr]["dtype"]))
+               for arr in names}
         for s in np.unique(shard_R):
             sel = np.nonzero(shard_R == s)[0]
             local, inverse = np.unique(rows_R[sel] - self.offsets[s], return_inverse=True)
-            for arr, store in self.stores[s].items():
+            for arr in names:
+                store = self.stores[s][arr]
                 out[arr][sel] = self._read(self.manifest["shards"][s]["name"], arr, store, local)[inverse]
         return out
 

@@ -15,7 +15,9 @@
 Optimiser: AdamW with linear warm-up and cosine decay to 0 over `total_steps`, after global-norm clipping.
 The update is one `jax.jit` function, compiled once, with explicit in/out shardings on the mesh (batch over
 `data`, trainable state replicated, the target on its own shardings when it is already on the mesh) and the
-trainable state donated, so each step updates it in place.
+trainable state donated, so each step updates it in place. With `fsdp` the trainable parameters and optimiser
+state are instead split over `data` (`spec_jax.sharding.fsdp_sharding`), and XLA gathers them where the step
+uses them: the same updates in less memory per device.
 
 Exact resume: the train state is (step, params, opt_state, rng key). A checkpoint saves all of it (see
 `checkpoints.py`); a run started with the same `output_dir` restores the latest and continues with batch
@@ -45,7 +47,7 @@ import optax
 
 from spec_jax.checks import output_dir as check_output_dir
 from spec_jax.errors import CheckpointError, InvalidArgumentError, SpecJaxError
-from spec_jax.sharding import DATA, batch_sharding, make_mesh, parse_mesh, replicated, to_global
+from spec_jax.sharding import DATA, batch_sharding, fsdp_sharding, make_mesh, parse_mesh, replicated, to_global
 from spec_jax.training.checkpoints import Checkpoints
 from spec_jax.training.config import TrainConfig
 from spec_jax.training.logs import MetricsLog, plot_losses
@@ -112,12 +114,12 @@ def train(config: TrainConfig, loss_fn: LossFn, params, target, batches: Callabl
     if config.batch_size % mesh.shape[DATA]:
         raise InvalidArgumentError(f"batch_size {config.batch_size} does not split over the mesh's {mesh.shape[DATA]} "
                                    "data-parallel devices; make it a multiple")
-    rep = replicated(mesh)
     optimizer, schedule = make_optimizer(config), lr_schedule(config)
+    shardings = _state_shardings(config, optimizer, params, mesh)
     ckpts = Checkpoints(out_dir, config.keep_checkpoints)
     failed = True
     try:
-        state, start = _initial_state(ckpts, config, optimizer, params, rep)
+        state, start = _initial_state(ckpts, config, optimizer, params, shardings)
         run = _Run(config, ckpts, MetricsLog(out_dir / "metrics.jsonl", start, jax.process_index() == 0),
                    start, progress)
         try:
@@ -126,9 +128,9 @@ def train(config: TrainConfig, loss_fn: LossFn, params, target, batches: Callabl
                 target = _place(target, target_shardings)
                 first = _host_batch(batches, start, config)
                 step = jax.jit(make_train_step(loss_fn, optimizer, schedule),
-                               in_shardings=(rep, target_shardings,
+                               in_shardings=(shardings, target_shardings,
                                              jax.tree.map(lambda x: batch_sharding(x, mesh), first)),
-                               out_shardings=(rep, rep), donate_argnums=0)
+                               out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
                 state = run.loop(step, state, target, batches, first, mesh, evaluate)
         except TrainingDivergedError:
             run.close()
@@ -149,24 +151,37 @@ def _plot(metrics_file: Path, out_dir: Path) -> Path | None:
     return plot_losses(metrics_file, out_dir / "loss.png") if jax.process_index() == 0 else None
 
 
-def _initial_state(ckpts: Checkpoints, config: TrainConfig, optimizer, params, sharding):
-    """(state, step): fresh from `params` and the seed, or restored from the latest checkpoint."""
-    params = _place(params, jax.tree.map(lambda _: sharding, params))
+def _state_shardings(config: TrainConfig, optimizer, params, mesh) -> dict:
+    """The train state's shardings on `mesh`: step and RNG key replicated; parameters and optimiser state
+    replicated, or with `config.fsdp` each array split by `fsdp_sharding` (Adam's moments like their
+    parameters, its step count replicated)."""
+    rep = replicated(mesh)
+    place = (lambda x: fsdp_sharding(x, mesh)) if config.fsdp else (lambda _: rep)
+    return {"step": rep, "params": jax.tree.map(place, params),
+            "opt_state": jax.tree.map(place, jax.eval_shape(optimizer.init, params)), "rng": rep}
+
+
+def _initial_state(ckpts: Checkpoints, config: TrainConfig, optimizer, params, shardings):
+    """(state, step): fresh from `params` and the seed, or restored from the latest checkpoint; on
+    `shardings` (`_state_shardings`)."""
+    params = _place(params, shardings["params"])
     # A copy (jit would hand an unchanged input back as the same buffer), so donating the state at the first
     # step leaves the caller's `params` alone.
     init = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, p),
                               "opt_state": optimizer.init(p), "rng": jax.random.key_data(jax.random.key(config.seed))},
-                   out_shardings=sharding)
+                   out_shardings=shardings)
     state = init(params)
     start = ckpts.latest_step()
     if start is None:
         return state, 0
-    p, opt_state, meta = ckpts.restore(start, state["params"], state["opt_state"], sharding, config)
+    # Restored onto the fresh state's shardings, whichever the checkpoint was saved from (fsdp may differ).
+    p, opt_state, meta = ckpts.restore(start, state["params"], state["opt_state"], None, config)
     if meta.get("data_position") != start or meta.get("step") != start:
         raise CheckpointError(f"checkpoint {start} in {ckpts.directory}: its meta says step {meta.get('step')} "
                                    f"and data position {meta.get('data_position')}; the checkpoint is corrupt")
     host = {"step": np.int32(start), "rng": np.asarray(meta["rng"], np.uint32)}
-    return {"params": p, "opt_state": opt_state, **_place(host, {"step": sharding, "rng": sharding})}, start
+    return {"params": p, "opt_state": opt_state,
+            **_place(host, {"step": shardings["step"], "rng": shardings["rng"]})}, start
 
 
 class _Run:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +40,21 @@ from spec_jax.drafters.medusa import (
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.training.config import TrainConfig, check_ranges, fields_from_mapping
 
-RECIPES = ("medusa",)
+RECIPES = ("medusa", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A head recipe's settings (the YAML file's top-level keys; `train` is its `train:` section)."""
+    """A head recipe's settings (the YAML file's top-level keys; `train` is its `train:` section).
+
+    Shared: `recipe` (the head family), `data`, `out`, `model`, `dtype`, `eval_rows` (the last rows of the
+    store, held out), `tau_prompts` / `tau_tokens` (the final real tau through the engine), `draft_vocab` (a
+    reduced draft vocabulary of that many tokens for the final tau and, for EAGLE, training; 0: full).
+    Medusa (and Hydra): `num_heads`, `windows_per_row`, `tau_tree`. EAGLE: `feature_layers` (empty: EAGLE-1;
+    three layers: EAGLE-3), `ttt_steps` (training-time test), `regression` / `soft_ce` (loss weights),
+    `noise`, `starts_per_row` (rows scored by the LM head), `sim_steps` (chain length of the held-out sim_tau)
+    and `tau_depth` / `tau_width` / `tau_k` / `tau_budget` (the dynamic tree of the final tau).
+    """
 
     recipe: str
     data: str
@@ -52,15 +62,31 @@ class Recipe:
     train: TrainConfig
     model: str = "smollm2-135m"
     dtype: str = "float32"
-    num_heads: int = 4
-    windows_per_row: int = 16
     eval_rows: int = 16
     tau_prompts: int = 4
     tau_tokens: int = 64
+    draft_vocab: int = 0
+    num_heads: int = 4
+    windows_per_row: int = 16
     tau_tree: str = "sim_8"
+    feature_layers: tuple[int, ...] = ()
+    ttt_steps: int = 1
+    regression: float = 1.0
+    soft_ce: float = 0.1
+    noise: float = 0.2
+    starts_per_row: int = 32
+    sim_steps: int = 5
+    tau_depth: int = 5
+    tau_width: int = 4
+    tau_k: int = 4
+    tau_budget: int = 16
 
     RANGES = {"num_heads": Range(int, 1, 16), "windows_per_row": Range(int, 1), "eval_rows": Range(int, 1),
-              "tau_prompts": Range(int, 0), "tau_tokens": Range(int, 1)}
+              "tau_prompts": Range(int, 0), "tau_tokens": Range(int, 1), "draft_vocab": Range(int, 0),
+              "ttt_steps": Range(int, 1, 16), "regression": Range(float, 0), "soft_ce": Range(float, 0),
+              "noise": Range(float, 0), "starts_per_row": Range(int, 1), "sim_steps": Range(int, 1, 16),
+              "tau_depth": Range(int, 1), "tau_width": Range(int, 1), "tau_k": Range(int, 1),
+              "tau_budget": Range(int, 1)}
 
     @classmethod
     def from_mapping(cls, data, source: str) -> Recipe:
@@ -70,6 +96,12 @@ class Recipe:
                                        f"{values['recipe']!r}")
         if values.get("tau_tree", "sim_8") not in TREE_NAMES:
             raise InvalidArgumentError(f"{source}: tau_tree: unknown tree {values['tau_tree']!r}")
+        layers = values.get("feature_layers", ())
+        if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 1
+                                                         for i in layers):
+            raise InvalidArgumentError(f"{source}: feature_layers: expected a list of layer counts >= 1 (EAGLE-3's "
+                                       f"low, middle and high layers), got {layers!r}")
+        values["feature_layers"] = tuple(layers)
         values["train"] = TrainConfig.from_mapping(values["train"], source=f"{source} (train)")
         return cls(**values)
 
@@ -116,36 +148,29 @@ def medusa_acceptance(head_params, target_params, cfg, batch) -> dict:
             "head_top1": [float(hit_WxK[:, k].sum() / max(valid_WxK[:, k].sum(), 1)) for k in range(K)]}
 
 
-def _loss_fn(cfg):
-    def loss_fn(params, target, batch, rng):
-        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}  # every row's windows together
-        total, per_head = medusa_loss(params, target, cfg, flat["hidden"], flat["tokens"], flat["mask"])
-        return total, {"head_loss": per_head, "tokens": flat["mask"][:, 2:].sum()}
-    return loss_fn
+class Parts(NamedTuple):
+    """What a head family brings to `run_recipe`."""
+
+    params: Any  # the initial trainable parameters
+    frozen: Any  # the loop's non-differentiated input: the target's parameters (and a reduced vocabulary)
+    loss_fn: Callable  # loss_fn(params, frozen, batch, rng) -> (loss, aux)
+    batches: Callable  # batches(step, *, seed, batch_size)
+    evaluate: Callable  # evaluate(params, frozen, step) -> host metrics on held-out data
+    drafter: Callable  # drafter(params, vocab) -> (Drafter, weights) for the final real tau
+    save: Callable  # save(path, params, meta, ranking)
 
 
-# ----------------------------------------------------------------------------- the recipe
+def _need_layers(data, layers, recipe: Recipe, why: str) -> None:
+    missing = sorted(set(layers) - set(data.hidden_layers))
+    if missing:
+        raise DataFormatError(f"{recipe.data}: no hidden states of layers {missing} ({why}); make the data with "
+                              f"--hidden-layers including them")
 
-def run_recipe(recipe: Recipe, target=None, progress: bool = True) -> dict:
-    """Train the recipe's heads (resuming where its `train.output_dir` left off), evaluate them and write them
-    to `recipe.out`; returns the metrics also saved there. `target` (`registry.Target`) is loaded from
-    `recipe.model` when not given."""
-    from spec_jax.training.data import TrainingData
-    from spec_jax.training.loop import train
 
-    data = TrainingData(recipe.data)
-    if target is None:
-        from spec_jax.decoding.setup import load_target
-
-        target = load_target(recipe.model, recipe.dtype)
-    cfg = target.cfg
-    layer = cfg.num_layers
-    if layer not in data.hidden_layers:
-        raise DataFormatError(f"{recipe.data}: no hidden states of layer {layer} (the last layer's output, which "
-                              f"Medusa heads read); make the data with --hidden-layers including {layer}")
-    if recipe.eval_rows >= len(data):
-        raise InvalidArgumentError(f"eval_rows {recipe.eval_rows} leaves no training rows of the {len(data)}")
-    n_train = len(data) - recipe.eval_rows
+def medusa_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
+    """Medusa: windows of the last layer's hidden states, cross-entropy per head."""
+    cfg, layer = target.cfg, target.cfg.num_layers
+    _need_layers(data, [layer], recipe, "the last layer's output, which Medusa heads read")
     width = recipe.num_heads + 2
 
     def batches(step, *, seed, batch_size):  # [rows, windows_per_row, ...]: the loop shards the rows
@@ -156,44 +181,137 @@ def run_recipe(recipe: Recipe, target=None, progress: bool = True) -> dict:
     held_out_rng = np.random.default_rng([recipe.train.seed, 2**31])  # apart from every training step's
     held_out = window_batch(data, np.arange(n_train, len(data)), width, recipe.windows_per_row, held_out_rng, layer)
 
-    def evaluate(params, target_params, step):
-        return medusa_acceptance(params, target_params, cfg, held_out)
+    def loss_fn(params, target_params, batch, rng):
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}  # every row's windows together
+        total, per_head = medusa_loss(params, target_params, cfg, flat["hidden"], flat["tokens"], flat["mask"])
+        return total, {"head_loss": per_head, "tokens": flat["mask"][:, 2:].sum()}
 
-    heads = init_heads(cfg, recipe.num_heads)
-    result = train(recipe.train, _loss_fn(cfg), heads, target.params, batches, evaluate=evaluate,
+    def drafter(params, vocab):
+        K = int(params["kernel"].shape[0])
+        paths = tree_paths(recipe.tau_tree, K)
+        if max(map(len, paths)) > K:
+            paths = tree_paths("chain", K)
+        weights = jax.tree.map(jnp.asarray, params) | ({"vocab": vocab} if vocab is not None else {})
+        return Medusa(num_heads=K, paths=paths), weights
+
+    return Parts(params=init_heads(cfg, recipe.num_heads), frozen=target.params, loss_fn=loss_fn, batches=batches,
+                 evaluate=lambda params, frozen, step: medusa_acceptance(params, frozen, cfg, held_out),
+                 drafter=drafter, save=save_heads)
+
+
+def row_batch(data, rows_R: np.ndarray, arrays: list[str], starts_per_row: int, rng: np.random.Generator) -> dict:
+    """Whole rows (tokens, mask, the hidden states named) and `starts_per_row` rows r per row where the token
+    x_{r+2} is an answer token: where EAGLE's draft is scored (the LM head is costly)."""
+    a = data.read(rows_R, ["tokens", "loss_mask", *arrays])
+    mask = a.pop("loss_mask").astype(bool)
+    starts = []
+    for r in range(len(rows_R)):
+        ok = np.nonzero(mask[r, 2:])[0]
+        if ok.size == 0:
+            raise DataFormatError(f"{data.path}: row {int(rows_R[r])} has no answer token to train on")
+        starts.append(np.sort(rng.choice(ok, starts_per_row, replace=ok.size < starts_per_row)))
+    out = {k: v.astype(np.float32) for k, v in a.items() if k.startswith("hidden_")}
+    return {**out, "tokens": a["tokens"].astype(np.int32), "mask": mask, "starts": np.stack(starts).astype(np.int32)}
+
+
+def eagle_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
+    """EAGLE: whole rows of the feature layers' hidden states (and the last layer's, for the target's
+    distribution), `eagle_loss` with training-time test, held-out simulated chain acceptance."""
+    from spec_jax.drafters.dynamic_tree import DynamicTree
+    from spec_jax.drafters.eagle import Eagle, chain_acceptance, eagle_loss, init_eagle, save_eagle
+
+    cfg, layers = target.cfg, recipe.feature_layers
+    _need_layers(data, [*layers, cfg.num_layers], recipe, "the EAGLE features and the target's last layer")
+    arrays = [f"hidden_{i}" for i in sorted({*layers, cfg.num_layers})]
+    kw = dict(feature_layers=layers)
+
+    def batches(step, *, seed, batch_size):
+        rows = data.batch_rows(step, batch_size, seed, limit=n_train)
+        return row_batch(data, rows, arrays, recipe.starts_per_row, np.random.default_rng([seed, step]))
+
+    held_out = row_batch(data, np.arange(n_train, len(data)), arrays, recipe.starts_per_row,
+                         np.random.default_rng([recipe.train.seed, 2**31]))
+
+    def loss_fn(params, frozen, batch, rng):
+        return eagle_loss(params, frozen["params"], cfg, batch, rng, steps=recipe.ttt_steps,
+                          regression=recipe.regression, soft_ce=recipe.soft_ce, noise=recipe.noise,
+                          vocab=frozen["vocab"], **kw)
+
+    def evaluate(params, frozen, step):
+        return chain_acceptance(params, frozen["params"], cfg, held_out, steps=recipe.sim_steps,
+                                vocab=frozen["vocab"], **kw)
+
+    def drafter(params, vocab):
+        tree = DynamicTree(depth=recipe.tau_depth, width=recipe.tau_width, k=recipe.tau_k, budget=recipe.tau_budget)
+        weights = jax.tree.map(jnp.asarray, params) | ({"vocab": vocab} if vocab is not None else {})
+        return Eagle(feature_layers=layers, tree=tree), weights
+
+    def save(path, params, meta, ranking):
+        return save_eagle(path, params, meta, layers, ranking)
+
+    params = init_eagle(cfg, jax.random.key(recipe.train.seed), layers)
+    return Parts(params=params, frozen={"params": target.params, "vocab": vocab}, loss_fn=loss_fn, batches=batches,
+                 evaluate=evaluate, drafter=drafter, save=save)
+
+
+FAMILIES: dict[str, Callable[..., Parts]] = {"medusa": medusa_parts, "eagle": eagle_parts}
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+def run_recipe(recipe: Recipe, target=None, progress: bool = True) -> dict:
+    """Train the recipe's heads (resuming where its `train.output_dir` left off), evaluate them and write them
+    to `recipe.out` with the token ranking of the training data (for `--draft-vocab`); returns the metrics
+    also saved there. `target` (`registry.Target`) is loaded from `recipe.model` when not given."""
+    from spec_jax.drafters.vocab import count_answer_tokens, reduced_vocab, token_ranking
+    from spec_jax.training.data import TrainingData
+    from spec_jax.training.loop import train
+
+    data = TrainingData(recipe.data)
+    if target is None:
+        from spec_jax.decoding.setup import load_target
+
+        target = load_target(recipe.model, recipe.dtype)
+    cfg = target.cfg
+    if recipe.eval_rows >= len(data):
+        raise InvalidArgumentError(f"eval_rows {recipe.eval_rows} leaves no training rows of the {len(data)}")
+    n_train = len(data) - recipe.eval_rows
+    rows = data.read(np.arange(n_train), ["tokens", "loss_mask"])
+    ranking = token_ranking(count_answer_tokens(rows["tokens"], rows["loss_mask"], cfg.vocab_size))
+    vocab = reduced_vocab(target.params, cfg, ranking, recipe.draft_vocab) if recipe.draft_vocab else None
+    parts = FAMILIES[recipe.recipe](recipe, data, n_train, target, vocab)
+    result = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, evaluate=parts.evaluate,
                    progress=progress)
-    metrics = {"final_loss": float(result.loss), "steps": int(result.step),
-               **evaluate(result.params, target.params, result.step)}
+    metrics = {"final_loss": float(result.loss) if result.loss is not None else None, "steps": int(result.step),
+               **parts.evaluate(result.params, parts.frozen, result.step)}
     if recipe.tau_prompts:
-        metrics.update(real_tau(result.params, target, data, n_train, recipe))
+        metrics.update(real_tau(*parts.drafter(result.params, vocab), target, data, n_train, recipe))
     meta = heads_meta(cfg, recipe=dataclasses.asdict(recipe) | {"train": dataclasses.asdict(recipe.train)},
                       data_manifest_sha256=hashlib.sha256((Path(recipe.data) / "manifest.json").read_bytes())
                       .hexdigest(), metrics=metrics)
-    save_heads(recipe.out, result.params, meta)
+    parts.save(recipe.out, result.params, meta, ranking)
     return metrics
 
 
-def real_tau(head_params, target, data, n_train: int, recipe: Recipe) -> dict:
-    """The heads drafting through the engine on held-out prompts (tree `tau_tree`): tau, and the output
-    checked token for token against AR (greedy)."""
+def real_tau(drafter, weights, target, data, n_train: int, recipe: Recipe) -> dict:
+    """The trained drafter decoding held-out prompts through the engine: tau, and the output checked token for
+    token against AR (greedy)."""
     from spec_jax.decoding import Engine, generate
 
-    rows = data.read(np.arange(n_train, min(n_train + recipe.tau_prompts, len(data))))
+    rows = data.read(np.arange(n_train, min(n_train + recipe.tau_prompts, len(data))), ["tokens", "loss_mask"])
     prompts = [list(map(int, t[: int(np.argmax(m))])) for t, m in zip(rows["tokens"], rows["loss_mask"],
                                                                           strict=True)]
     cfg = target.cfg
-    K = int(head_params["kernel"].shape[0])
-    paths = tree_paths(recipe.tau_tree, K)
-    if max(map(len, paths)) > K:
-        paths = tree_paths("chain", K)
     ar = generate(Engine(cfg), target.params, prompts, recipe.tau_tokens)
-    gen = generate(Engine(cfg, Medusa(num_heads=K, paths=paths)), target.params, prompts, recipe.tau_tokens,
-                   weights=jax.tree.map(jnp.asarray, head_params))
+    gen = generate(Engine(cfg, drafter), target.params, prompts, recipe.tau_tokens, weights=weights)
     if gen.token_ids != ar.token_ids:
-        raise AssertionError("medusa output differs from AR under greedy decoding: a losslessness bug")
+        raise AssertionError(f"{drafter.name} output differs from AR under greedy decoding: a losslessness bug")
     stats = gen.stats()
-    return {"real_tau": round(float(stats["tau"]), 3), "tau_tree": recipe.tau_tree, "tau_prompts": len(prompts)}
+    return {"real_tau": round(float(stats["tau"]), 3), "tau_prompts": len(prompts),
+            "tau_nodes": drafter.shape.nodes}
 
 
 def summary_line(metrics: Mapping) -> str:
-    return json.dumps({k: v for k, v in metrics.items() if k != "head_top1"}) + f" head_top1={metrics['head_top1']}"
+    lists = {k: v for k, v in metrics.items() if isinstance(v, list)}
+    return json.dumps({k: v for k, v in metrics.items() if k not in lists}) + "".join(
+        f" {k}={v}" for k, v in lists.items())

@@ -123,10 +123,10 @@ def test_engine_sampling_matches_ar(drafter):
     from spec_jax.drafters.eagle import Eagle, init_eagle
     from spec_jax.drafters.lookahead import Lookahead
     from spec_jax.drafters.medusa import MEDUSA_TREES, Medusa, init_heads
-    from spec_jax.drafters.vocab import reduced_vocab
     from spec_jax.drafters.prompt_lookup import PromptLookup
     from spec_jax.drafters.suffix_automaton import SAMTokenRecycling, SuffixAutomatonDrafter
     from spec_jax.drafters.token_recycling import TokenRecycling
+    from spec_jax.drafters.vocab import reduced_vocab
     from spec_jax.models import Config, init_params, truncate
     from spec_jax.policies import make_policy
 

@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory, tiny_hf_dir, target):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
     job = D.DataJob(out=str(tmp / "data"), model=str(tiny_hf_dir), prompts=str(prompts), num_prompts=8,
                     max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
-                    hidden_layers=(target.cfg.num_layers,), seed=0)
+                    hidden_layers=(1, target.cfg.num_layers), seed=0)
     D.make_data(job, target=target, progress=False)
     return tmp / "data"
 
@@ -72,17 +72,50 @@ def test_recipe_settings_refused_clearly(tmp_path, data_dir):
 
     with pytest.raises(InvalidArgumentError, match="unknown key 'num_head'"):
         Recipe.from_mapping({"recipe": "medusa", "data": "d", "out": "o", "train": {}, "num_head": 2}, "r.yaml")
-    with pytest.raises(InvalidArgumentError, match="recipe: must be one of medusa, got 'eagle9'"):
+    with pytest.raises(InvalidArgumentError, match="recipe: must be one of medusa, eagle, got 'eagle9'"):
         Recipe.from_mapping({"recipe": "eagle9", "data": "d", "out": "o", "train": {}}, "r.yaml")
     with pytest.raises(InvalidArgumentError, match="num_heads: must be an integer in"):
         _recipe(tmp_path, data_dir).from_mapping({"recipe": "medusa", "data": "d", "out": "o", "num_heads": 0,
                                                    "train": {"output_dir": "x", "total_steps": 1}}, "r.yaml")
 
 
-def test_shipped_recipe_parses():
+def test_shipped_recipes_parse():
     from pathlib import Path
 
     from spec_jax.training.recipes import load_recipe
 
-    recipe = load_recipe(str(Path(__file__).parents[1] / "configs" / "medusa_smollm2.yaml"))
+    configs = Path(__file__).parents[1] / "configs"
+    recipe = load_recipe(str(configs / "medusa_smollm2.yaml"))
     assert recipe.recipe == "medusa" and recipe.out == "spec_jax/heads/medusa_smollm2"
+    eagle3 = load_recipe(str(configs / "eagle3_smollm2.yaml"))
+    assert eagle3.feature_layers == (2, 15, 28) and eagle3.ttt_steps == 3 and eagle3.draft_vocab == 8192
+    assert load_recipe(str(configs / "eagle1_smollm2.yaml")).feature_layers == ()
+
+
+@pytest.mark.parametrize("layers,vocab", [([], 0), ([1, 2], 256)], ids=["eagle1", "eagle3-vocab"])
+def test_eagle_recipe_trains_saves_and_decodes(layers, vocab, tmp_path, data_dir, target, tiny_hf_dir, capsys):
+    from spec_jax.cli import main
+    from spec_jax.training import read_records
+    from spec_jax.training.recipes import Recipe, run_recipe
+
+    recipe = Recipe.from_mapping({
+        "recipe": "eagle", "data": str(data_dir), "out": str(tmp_path / "eagle"), "feature_layers": layers,
+        "ttt_steps": 2 if layers else 1, "regression": 0.0 if layers else 1.0, "soft_ce": 1.0 if layers else 0.1,
+        "draft_vocab": vocab, "starts_per_row": 4, "eval_rows": 2, "tau_prompts": 2, "tau_tokens": 12,
+        "sim_steps": 3, "tau_depth": 3, "tau_budget": 6,
+        "train": {"output_dir": str(tmp_path / "run"), "total_steps": 10, "batch_size": 2, "learning_rate": 0.003,
+                  "checkpoint_every": 5, "eval_every": 5}}, source="test recipe")
+    metrics = run_recipe(recipe, target=target, progress=False)
+    assert metrics["steps"] == 10 and metrics["sim_tau"] >= 1.0 and len(metrics["step_top1"]) == 3
+    assert metrics["real_tau"] >= 1.0 and metrics["tau_nodes"] == 6
+    losses = [r["loss"] for r in read_records(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses  # it learns
+    saved = json.loads((tmp_path / "eagle" / "config.json").read_text())
+    assert saved["head_type"] == "eagle" and saved["feature_layers"] == layers
+    assert (tmp_path / "eagle" / "token_ranking.npy").is_file()
+    out = []
+    for flags in ([], ["--method", "eagle", "--heads", str(tmp_path / "eagle"), "--draft-vocab", str(vocab)]):
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+                     "--json", "--no-phase-timing", *flags]) == 0
+        out.append(json.loads(capsys.readouterr().out))
+    assert out[1]["token_ids"] == out[0]["token_ids"]

@@ -347,9 +347,11 @@ def _flat_shapes(tree, prefix: str = "") -> dict:
 
 def save_eagle(path: str | os.PathLike, params, meta: Mapping, feature_layers: Sequence[int] = (),
                ranking_V: np.ndarray | None = None) -> Path:
-    """Write an EAGLE draft as a heads directory (`head_checkpoints`); `meta` from `heads_meta(cfg, ...)`."""
+    """Write an EAGLE draft as a heads directory (`head_checkpoints`); `meta` from `heads_meta(cfg, ...)`. The
+    weights are stored float16: a draft layer of the target's shape is most of 20 MB in float32 for SmolLM2."""
     params = {k: v for k, v in params.items() if k != "vocab"}
-    return hc.save_heads(path, HEAD_TYPE, params, {**meta, "feature_layers": list(feature_layers)}, ranking_V)
+    return hc.save_heads(path, HEAD_TYPE, params, {**meta, "feature_layers": list(feature_layers)}, ranking_V,
+                         dtype=np.float16)
 
 
 def read_eagle_config(path: str | os.PathLike, cfg: Config) -> dict:

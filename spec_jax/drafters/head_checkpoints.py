@@ -3,7 +3,8 @@
     <dir>/config.json         head_type, the target model's hidden_size / vocab_size / num_layers, the
                               family's own settings (number of heads, layers read, ...) and free metadata
                               (recipe, data manifest hash, metrics)
-    <dir>/heads.safetensors   the parameters, float32, nested names joined with "." ("fc.kernel")
+    <dir>/heads.safetensors   the parameters (float32, or float16 to halve a checkpoint), nested names joined
+                              with "." ("fc.kernel")
     <dir>/token_ranking.npy   (optional) token ids by frequency in the training data (`vocab.py`)
 
 `save_heads` writes the directory atomically; `read_heads_config` checks the config against the model and
@@ -39,14 +40,14 @@ def heads_meta(cfg: Config, **extra) -> dict:
     return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers, **extra}
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"fc": {"kernel": a}} -> {"fc.kernel": a} (host float32 arrays)."""
+def flatten(tree: Mapping, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
+    """{"fc": {"kernel": a}} -> {"fc.kernel": a} (host arrays of `dtype`)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}.", dtype))
         else:
-            out[f"{prefix}{k}"] = np.asarray(jax.device_get(v), np.float32)
+            out[f"{prefix}{k}"] = np.asarray(jax.device_get(v)).astype(dtype)
     return out
 
 
@@ -62,10 +63,11 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def save_heads(path: str | os.PathLike, head_type: str, params: Mapping, meta: Mapping,
-               ranking_V: np.ndarray | None = None) -> Path:
+               ranking_V: np.ndarray | None = None, dtype=np.float32) -> Path:
     """Write heads of `head_type` to directory `path` (atomically): config.json (`meta`, which must hold the
-    target's MODEL_FIELDS: `heads_meta(cfg, ...)`, plus the head type) and the parameters; with `ranking_V`,
-    the token ranking for `--draft-vocab`."""
+    target's MODEL_FIELDS: `heads_meta(cfg, ...)`, plus the head type) and the parameters as `dtype` (float16
+    halves a checkpoint; they load as float32 either way); with `ranking_V`, the token ranking for
+    `--draft-vocab`."""
     from safetensors.numpy import save_file
 
     missing = [f for f in MODEL_FIELDS if f not in meta]
@@ -74,7 +76,7 @@ def save_heads(path: str | os.PathLike, head_type: str, params: Mapping, meta: M
                                    "(build it with heads_meta(cfg))")
     config = {**meta, "head_type": head_type}
     with atomic_path(path, directory=True) as tmp:
-        save_file(flatten(params), str(tmp / WEIGHTS_FILE))
+        save_file(flatten(params, dtype=dtype), str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if ranking_V is not None:
             np.save(tmp / RANKING_FILE, np.asarray(ranking_V, np.int32))

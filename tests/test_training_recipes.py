@@ -72,7 +72,7 @@ def test_recipe_settings_refused_clearly(tmp_path, data_dir):
 
     with pytest.raises(InvalidArgumentError, match="unknown key 'num_head'"):
         Recipe.from_mapping({"recipe": "medusa", "data": "d", "out": "o", "train": {}, "num_head": 2}, "r.yaml")
-    with pytest.raises(InvalidArgumentError, match="recipe: must be one of medusa, eagle, got 'eagle9'"):
+    with pytest.raises(InvalidArgumentError, match="recipe: must be one of medusa, hydra, eagle, got 'eagle9'"):
         Recipe.from_mapping({"recipe": "eagle9", "data": "d", "out": "o", "train": {}}, "r.yaml")
     with pytest.raises(InvalidArgumentError, match="num_heads: must be an integer in"):
         _recipe(tmp_path, data_dir).from_mapping({"recipe": "medusa", "data": "d", "out": "o", "num_heads": 0,
@@ -90,6 +90,30 @@ def test_shipped_recipes_parse():
     eagle3 = load_recipe(str(configs / "eagle3_smollm2.yaml"))
     assert eagle3.feature_layers == (2, 15, 28) and eagle3.ttt_steps == 3 and eagle3.draft_vocab == 8192
     assert load_recipe(str(configs / "eagle1_smollm2.yaml")).feature_layers == ()
+
+
+def test_hydra_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, tiny_hf_dir, capsys):
+    from spec_jax.cli import main
+    from spec_jax.training import read_records
+    from spec_jax.training.recipes import Recipe, run_recipe
+
+    recipe = Recipe.from_mapping({
+        "recipe": "hydra", "data": str(data_dir), "out": str(tmp_path / "hydra"), "num_heads": 2, "prefix_layer": True,
+        "windows_per_row": 4, "eval_rows": 2, "tau_prompts": 2, "tau_tokens": 12, "tau_tree": "chain",
+        "train": {"output_dir": str(tmp_path / "run"), "total_steps": 10, "batch_size": 2, "learning_rate": 0.01,
+                  "checkpoint_every": 5, "eval_every": 5}}, source="test recipe")
+    metrics = run_recipe(recipe, target=target, progress=False)
+    assert metrics["steps"] == 10 and metrics["sim_tau"] >= 1.0 and len(metrics["head_top1"]) == 2
+    losses = [r["loss"] for r in read_records(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses  # it learns
+    saved = json.loads((tmp_path / "hydra" / "config.json").read_text())
+    assert saved["head_type"] == "hydra" and saved["prefix_layer"] is True and saved["metrics"]["real_tau"] >= 1.0
+    out = []
+    for flags in ([], ["--method", "hydra", "--heads", str(tmp_path / "hydra"), "--hydra-tree", "chain"]):
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+                     "--json", "--no-phase-timing", *flags]) == 0
+        out.append(json.loads(capsys.readouterr().out))
+    assert out[1]["token_ids"] == out[0]["token_ids"]
 
 
 @pytest.mark.parametrize("layers,vocab", [([], 0), ([1, 2], 256)], ids=["eagle1", "eagle3-vocab"])

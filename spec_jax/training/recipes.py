@@ -40,7 +40,7 @@ from spec_jax.drafters.medusa import (
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.training.config import TrainConfig, check_ranges, fields_from_mapping
 
-RECIPES = ("medusa", "eagle")
+RECIPES = ("medusa", "hydra", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,9 @@ class Recipe:
     Shared: `recipe` (the head family), `data`, `out`, `model`, `dtype`, `eval_rows` (the last rows of the
     store, held out), `tau_prompts` / `tau_tokens` (the final real tau through the engine), `draft_vocab` (a
     reduced draft vocabulary of that many tokens for the final tau and, for EAGLE, training; 0: full).
-    Medusa (and Hydra): `num_heads`, `windows_per_row`, `tau_tree`. EAGLE: `feature_layers` (empty: EAGLE-1;
+    Medusa and Hydra: `num_heads`, `windows_per_row`, `tau_tree`; Hydra also `head_layers` (residual blocks
+    per head), `prefix_layer` (Hydra++'s extra decoder layer) and `teacher` (soft targets from the target's
+    distribution, else its greedy tokens). EAGLE: `feature_layers` (empty: EAGLE-1;
     three layers: EAGLE-3), `ttt_steps` (training-time test), `regression` / `soft_ce` (loss weights),
     `noise`, `starts_per_row` (rows scored by the LM head), `sim_steps` (chain length of the held-out sim_tau)
     and `tau_depth` / `tau_width` / `tau_k` / `tau_budget` (the dynamic tree of the final tau).
@@ -69,6 +71,9 @@ class Recipe:
     num_heads: int = 4
     windows_per_row: int = 16
     tau_tree: str = "sim_8"
+    head_layers: int = 1
+    prefix_layer: bool = False
+    teacher: bool = True
     feature_layers: tuple[int, ...] = ()
     ttt_steps: int = 1
     regression: float = 1.0
@@ -86,7 +91,7 @@ class Recipe:
               "ttt_steps": Range(int, 1, 16), "regression": Range(float, 0), "soft_ce": Range(float, 0),
               "noise": Range(float, 0), "starts_per_row": Range(int, 1), "sim_steps": Range(int, 1, 16),
               "tau_depth": Range(int, 1), "tau_width": Range(int, 1), "tau_k": Range(int, 1),
-              "tau_budget": Range(int, 1)}
+              "tau_budget": Range(int, 1), "head_layers": Range(int, 1, 8)}
 
     @classmethod
     def from_mapping(cls, data, source: str) -> Recipe:
@@ -102,6 +107,9 @@ class Recipe:
             raise InvalidArgumentError(f"{source}: feature_layers: expected a list of layer counts >= 1 (EAGLE-3's "
                                        f"low, middle and high layers), got {layers!r}")
         values["feature_layers"] = tuple(layers)
+        for flag in ("prefix_layer", "teacher"):
+            if not isinstance(values.get(flag, False), bool):
+                raise InvalidArgumentError(f"{source}: {flag}: expected true or false, got {values[flag]!r}")
         values["train"] = TrainConfig.from_mapping(values["train"], source=f"{source} (train)")
         return cls(**values)
 
@@ -254,7 +262,46 @@ def eagle_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
                  evaluate=evaluate, drafter=drafter, save=save)
 
 
-FAMILIES: dict[str, Callable[..., Parts]] = {"medusa": medusa_parts, "eagle": eagle_parts}
+def hydra_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
+    """Hydra: whole rows of the last layer's hidden states (the prefix layer runs over them) with
+    `windows_per_row` scored starts, the teacher loss, held-out simulated chain acceptance."""
+    from spec_jax.drafters import hydra
+
+    cfg, layer = target.cfg, target.cfg.num_layers
+    _need_layers(data, [layer], recipe, "the last layer's output, which Hydra heads read")
+
+    def as_hydra(batch):
+        return {"hidden": batch.pop(f"hidden_{layer}"), **batch}
+
+    def batches(step, *, seed, batch_size):
+        rows = data.batch_rows(step, batch_size, seed, limit=n_train)
+        return as_hydra(row_batch(data, rows, [f"hidden_{layer}"], recipe.windows_per_row,
+                                  np.random.default_rng([seed, step])))
+
+    held_out = as_hydra(row_batch(data, np.arange(n_train, len(data)), [f"hidden_{layer}"], recipe.windows_per_row,
+                                  np.random.default_rng([recipe.train.seed, 2**31])))
+
+    def loss_fn(params, target_params, batch, rng):
+        total, per_head = hydra.hydra_loss(params, target_params, cfg, batch["hidden"], batch["tokens"],
+                                           batch["mask"], batch["starts"], teacher=recipe.teacher)
+        return total, {"head_loss": per_head, "tokens": jnp.sum(batch["starts"] >= 0)}
+
+    def drafter(params, vocab):
+        K, layers, prefix = hydra.head_settings(params)
+        paths = tree_paths(recipe.tau_tree, K)
+        if max(map(len, paths)) > K:
+            paths = tree_paths("chain", K)
+        weights = jax.tree.map(jnp.asarray, params) | ({"vocab": vocab} if vocab is not None else {})
+        return hydra.Hydra(num_heads=K, head_layers=layers, prefix_layer=prefix, paths=paths), weights
+
+    params = hydra.init_heads(cfg, recipe.num_heads, jax.random.key(recipe.train.seed), head_layers=recipe.head_layers,
+                              prefix_layer=recipe.prefix_layer)
+    return Parts(params=params, frozen=target.params, loss_fn=loss_fn, batches=batches,
+                 evaluate=lambda params, frozen, step: hydra.hydra_acceptance(params, frozen, cfg, held_out),
+                 drafter=drafter, save=hydra.save_heads)
+
+
+FAMILIES: dict[str, Callable[..., Parts]] = {"medusa": medusa_parts, "hydra": hydra_parts, "eagle": eagle_parts}
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -57,11 +57,16 @@ def test_zero_heads_read_out_the_lm_head(tiny):
     assert not np.allclose(random[:, 0], base_BxV, atol=1e-3)
 
 
-@pytest.mark.parametrize("scale,tree,num_heads", [(0.0, "mc_sim_7b_63", 4), (0.3, "sim_16", 4), (0.3, "chain", 2)],
-                         ids=["zero", "random", "random-chain"])
-def test_greedy_exact_batched_and_single(scale, tree, num_heads, tiny, prompts):
+@pytest.mark.parametrize("scale,tree,num_heads,vocab", [(0.0, "mc_sim_7b_63", 4, 0), (0.3, "sim_16", 4, 0),
+                                                         (0.3, "chain", 2, 0), (0.3, "sim_16", 4, 64)],
+                         ids=["zero", "random", "random-chain", "random-reduced-vocab"])
+def test_greedy_exact_batched_and_single(scale, tree, num_heads, vocab, tiny, prompts):
+    from spec_jax.drafters.vocab import reduced_vocab
+
     params, cfg = tiny
     heads = init_heads(cfg, num_heads, jax.random.key(1), scale=scale)
+    if vocab:  # drafts from a quarter of the vocabulary, in a shuffled frequency order
+        heads["vocab"] = reduced_vocab(params, cfg, np.random.default_rng(0).permutation(cfg.vocab_size), vocab)
     engine = Engine(cfg, Medusa(num_heads=num_heads, paths=tree_paths(tree, num_heads)))
     ar = generate(Engine(cfg), params, prompts, 24).token_ids
     g = generate(engine, params, prompts, 24, weights=heads)

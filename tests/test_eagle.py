@@ -193,6 +193,10 @@ def test_checkpoint_round_trip_and_refusals(tiny, tmp_path):
     save_heads(tmp_path / "m", init_heads(cfg, 2), heads_meta(cfg))
     with pytest.raises(DataFormatError, match="head_type is 'medusa', this method needs 'eagle'"):
         load_eagle(tmp_path / "m", cfg)
+    config = json.loads((tmp_path / "m" / "config.json").read_text()) | {"head_type": "lookahead"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataFormatError, match="'lookahead', this method needs 'eagle' heads \\(not a head type"):
+        load_eagle(tmp_path / "m", cfg)
     weights = path / "heads.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
 RANKING_FILE = "token_ranking.npy"
 MODEL_FIELDS = ("hidden_size", "vocab_size", "num_layers")  # what a checkpoint must share with the target
+HEAD_TYPES = ("medusa", "hydra", "eagle")  # the head families, each a method of that name
 SHIPPED = Path(__file__).resolve().parents[1] / "heads"  # spec_jax/heads/<type>_<model>/: shipped with spec-jax
 
 
@@ -100,9 +101,9 @@ def read_heads_config(path: str | os.PathLike, cfg: Config, head_type: str,
         raise DataFormatError(f"{file}: not a draft-heads config ({e!r}); expected a JSON object with head_type "
                               f"and {', '.join(MODEL_FIELDS)}") from None
     if found != head_type:
-        raise DataFormatError(f"{file}: head_type is {found!r}, this method needs {head_type!r} heads; use "
-                              f"--method {found} for them" if isinstance(found, str) else
-                              f"{file}: head_type must be a string, got {found!r}")
+        hint = (f"; use --method {found} for them" if found in HEAD_TYPES else
+                f" (not a head type spec-jax knows: {', '.join(HEAD_TYPES)})")
+        raise DataFormatError(f"{file}: head_type is {found!r}, this method needs {head_type!r} heads{hint}")
     for field in MODEL_FIELDS:
         if config.get(field) != getattr(cfg, field):
             raise DataFormatError(f"{file}: heads trained for a model with {field} {config.get(field)}, this model "

@@ -105,8 +105,16 @@ def test_greedy_exact_batched_and_single(layers, vocab, tiny, prompts):
     assert g.token_ids == ar
     single = generate(engine, params, [prompts[1]], 20, weights=weights)
     assert single.token_ids[0] == ar[1]
-    if vocab:  # every drafted token is in the reduced vocabulary
-        assert set(np.asarray(weights["vocab"]["d2t"]).tolist()) >= set()  # d2t maps indices back to ids
+    if vocab:  # every drafted token is a target id of the reduced vocabulary
+        from spec_jax.drafters.base import StepContext
+        from spec_jax.sampling import Sampling
+
+        n = len(prompts[1])
+        tokens = jnp.asarray([prompts[1] + [0] * (64 - n)], jnp.int32)
+        ctx = StepContext(params, cfg, init_cache(cfg, 1, 64), tokens, jnp.array([n - 1]), tokens[:, n - 1],
+                          Sampling(), jax.random.key(0))
+        tree, _, _ = engine.drafter.propose(weights, engine.drafter.init(weights, None, cfg, 1, 64), ctx)
+        assert set(np.asarray(tree.tokens).ravel().tolist()) <= set(np.asarray(weights["vocab"]["d2t"]).tolist())
 
 
 def test_trained_draft_is_accepted_and_exact(tiny, prompts):

@@ -48,6 +48,7 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
     if not drafter.prunable:
         raise InvalidArgumentError(f"--budget applies to methods with a prunable tree; {drafter.name} has "
                                    "none (`spec-jax methods` describes each method)")
+    drafter.pruned(drafter.shape.nodes)  # refuses a tree it cannot prune before any calibration
     if budget == "auto":
         engine, report, carry = auto_budget(engine, params, calibration, weights=weights, carry=carry)
         return engine, carry, report

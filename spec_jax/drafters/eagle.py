@@ -106,9 +106,9 @@ def readout(params, target_params, cfg: Config, out_BxTxE, vocab: dict | None = 
 def unroll(params, target_params, cfg: Config, feats_BxLxE, tokens_BxL, steps: int) -> list[jax.Array]:
     """Training-time test: the draft over whole rows for `steps` steps, step j fed its own step j-1 outputs.
 
-    Row p of step 0 reads (f_p, x_{p+1}) and attends to rows <= p: what drafting sees for a depth-1 node
-    after committed row p. Row r of step j >= 1 reads (o^{j-1}_{r-1}, x_{r+1}), the depth-(j+1) node of a
-    chain drafted after committed row r - j, and attends to what that node attends to when drafting: the
+    Row p of step 0 reads (f_p, x_{p+1}) and attends to rows <= p: the root row after committed row p. Row r
+    of step j >= 1 reads (o^{j-1}_{r-1}, x_{r+1}): the node at depth j of a chain drafted after committed row
+    r - j (its output drafts depth j + 1), and attends to what that node attends to when drafting: the
     committed rows <= r - j of step 0 and its chain ancestors, row r - j + i of step i. Every step scores
     x_{r+2} at row r (`tokens_BxL[:, r + 1]` is fed, so the caller shifts by one). Returns [o^0, ..., o^J-1].
     """
@@ -141,7 +141,8 @@ def eagle_loss(params, target_params, cfg: Config, batch: Mapping, rng, *, featu
     step j's draft distribution at rows r against the target's at r + 1 (which predicted x_{r+2}); L1 the
     smooth-L1 regression of step 0's outputs onto the next row's features (EAGLE-1: every answer row). The
     input features get uniform noise of width `noise` (EAGLE's U(-0.1, 0.1) for 0.2). With a `vocab`, both
-    distributions live on its tokens (the target's renormalised there).
+    distributions live on its tokens (the target's renormalised there) and rows whose target token lies
+    outside it are not scored, as in EAGLE-3.
     """
     tokens_BxL, mask_BxL = batch["tokens"], batch["mask"].astype(jnp.float32)
     B, L = tokens_BxL.shape
@@ -156,10 +157,14 @@ def eagle_loss(params, target_params, cfg: Config, batch: Mapping, rng, *, featu
     take = lambda a, idx: jnp.take_along_axis(a, idx[..., None], axis=1)  # noqa: E731
     # The target's distribution of x_{r+2}: its logits after reading x_{r+1}.
     target_h = final_norm(target_params, cfg, take(last, jnp.minimum(starts_BxS + 1, L - 1)))
-    t_logits = lm_head(target_params, cfg, target_h) if vocab is None else dv.vocab_logits(vocab, target_h)
-    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits), axis=-1)
-    t_top_BxS = jnp.argmax(t_logp, axis=-1)
+    t_logits = jax.lax.stop_gradient(lm_head(target_params, cfg, target_h))
     label_m_BxS = jnp.take_along_axis(jnp.pad(mask_BxL[:, 2:], ((0, 0), (0, 2))), starts_BxS, axis=1)
+    if vocab is not None:  # rows whose target token is outside the draft vocabulary teach nothing (EAGLE-3)
+        in_vocab_V = jnp.zeros((cfg.vocab_size,), bool).at[vocab["d2t"]].set(True)
+        label_m_BxS = label_m_BxS * in_vocab_V[jnp.argmax(t_logits, axis=-1)]
+        t_logits = jnp.take(t_logits, vocab["d2t"], axis=-1)
+    t_logp = jax.nn.log_softmax(t_logits, axis=-1)
+    t_top_BxS = jnp.argmax(t_logp, axis=-1)
     total, ce_steps, acc_steps = 0.0, [], []
     for j, out in enumerate(outs):
         logp = jax.nn.log_softmax(readout(params, target_params, cfg, take(out, starts_BxS), vocab), axis=-1)
@@ -240,7 +245,7 @@ class Eagle(Drafter):
         expect = _shapes({"feature_layers": list(self.feature_layers), "hidden_size": cfg.hidden_size}, cfg)
         if not isinstance(weights, Mapping):
             raise TypeError("the eagle drafter needs draft weights (init_eagle or load_eagle)")
-        got = {k: tuple(v.shape) for k, v in hc.flatten({k: v for k, v in weights.items() if k != "vocab"}).items()}
+        got = _flat_shapes({k: v for k, v in weights.items() if k != "vocab"})  # shapes only: nothing copied
         if got != expect:
             raise InvalidArgumentError(f"eagle weights do not fit this model and feature layers "
                                        f"{self.feature_layers}: {sorted(set(got.items()) ^ set(expect.items()))[:4]}")
@@ -308,6 +313,7 @@ class Eagle(Drafter):
             return logits, (cache, jnp.concatenate([fed_out_BxFxE, out], axis=1))
 
         empty = jnp.zeros((root_BxE.shape[0], 0, root_BxE.shape[1]), root_BxE.dtype)
+        # Row c-1 is the root's row, so a depth-d node is row c-1+d (its position).
         tree, _, (cache, _) = draft_dynamic_tree(tree_step, (cache, empty), root_logits_BxV, committed_B - 1,
                                                  self.tree, ctx.sampling, ctx.rng)
         tree = tree.replace(tokens=dv.to_target_ids(vocab, tree.tokens))

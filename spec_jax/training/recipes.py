@@ -284,7 +284,8 @@ def hydra_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
     def loss_fn(params, target_params, batch, rng):
         total, per_head = hydra.hydra_loss(params, target_params, cfg, batch["hidden"], batch["tokens"],
                                            batch["mask"], batch["starts"], teacher=recipe.teacher)
-        return total, {"head_loss": per_head, "tokens": jnp.sum(batch["starts"] >= 0)}
+        labels_BxW = jnp.take_along_axis(batch["mask"], jnp.minimum(batch["starts"] + 2, batch["mask"].shape[1] - 1), 1)
+        return total, {"head_loss": per_head, "tokens": jnp.sum(labels_BxW & (batch["starts"] >= 0))}
 
     def drafter(params, vocab):
         K, layers, prefix = hydra.head_settings(params)
@@ -327,6 +328,8 @@ def run_recipe(recipe: Recipe, target=None, progress: bool = True) -> dict:
     ranking = token_ranking(count_answer_tokens(rows["tokens"], rows["loss_mask"], cfg.vocab_size))
     vocab = reduced_vocab(target.params, cfg, ranking, recipe.draft_vocab) if recipe.draft_vocab else None
     parts = FAMILIES[recipe.recipe](recipe, data, n_train, target, vocab)
+    final_drafter, weights = parts.drafter(parts.params, vocab)  # its settings refused now, not after training
+    final_drafter.check(cfg, weights, None)
     result = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, evaluate=parts.evaluate,
                    progress=progress)
     metrics = {"final_loss": float(result.loss) if result.loss is not None else None, "steps": int(result.step),

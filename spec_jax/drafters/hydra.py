@@ -62,7 +62,7 @@ import numpy as np
 from spec_jax.drafters import head_checkpoints as hc
 from spec_jax.drafters import vocab as dv
 from spec_jax.drafters.base import PrefillContext, StepContext, StepResult, TemplateDrafter
-from spec_jax.drafters.medusa import MEDUSA_TREES, TREE_NAMES, tree_paths
+from spec_jax.drafters.medusa import MEDUSA_TREES, TREE_NAMES, check_heads_tree, tree_paths
 from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.models import Config, KVCache, embed, final_norm, forward_embeddings, head, init_cache, lm_head
@@ -511,21 +511,8 @@ HYDRA_OPTIONS = (
 
 
 def check_hydra(opts, cfg: Config) -> None:
-    """`--heads` is Hydra heads for this model (its config only, before any weights load); the tree is no
-    deeper than there are heads."""
-    num_heads, source = opts.hydra_heads, f"--hydra-heads {opts.hydra_heads}"
-    path = hc.heads_path(opts, cfg, HEAD_TYPE)
-    if path is not None:
-        num_heads = read_heads_config(path, cfg)["num_heads"]
-        source = f"the {num_heads} heads of " + (f"--heads {opts.heads}" if opts.heads else f"shipped {path}")
-    paths = tree_paths(opts.hydra_tree, num_heads)
-    dv.check_option(opts.draft_vocab, cfg, path, min_size=int(TreeTemplate(paths).ranks.max()) + 1)
-    depth = max(map(len, paths))
-    if depth > num_heads:
-        fits = [name for name in TREE_NAMES if max(map(len, tree_paths(name, num_heads))) <= num_heads]
-        raise InvalidArgumentError(f"--hydra-tree {opts.hydra_tree} is {depth} levels deep but there are only "
-                                   f"{num_heads} heads ({source}); head d-1 drafts depth d, so choose a shallower "
-                                   f"--hydra-tree ({', '.join(fits)}) or more heads")
+    """`--heads` is Hydra heads for this model and the tree fits them (`medusa.check_heads_tree`)."""
+    check_heads_tree(opts, cfg, HEAD_TYPE, read_heads_config, opts.hydra_heads, opts.hydra_tree, "hydra")
 
 
 @register("hydra", "Hydra: sequentially dependent draft heads (each reads the tokens drafted before it on its "

@@ -263,22 +263,29 @@ MEDUSA_OPTIONS = (
 )
 
 
-def check_medusa(opts, cfg: Config) -> None:
-    """`--heads` is Medusa heads for this model (its config only, before any weights load); the tree is no
-    deeper than there are heads."""
-    num_heads, source = opts.medusa_heads, f"--medusa-heads {opts.medusa_heads}"
-    path = hc.heads_path(opts, cfg, HEAD_TYPE)
+def check_heads_tree(opts, cfg: Config, head_type: str, read_config, untrained_heads: int, tree: str,
+                     family: str) -> None:
+    """`--heads` holds `head_type` heads for this model (`read_config` reads its config only, before any weights
+    load; else the shipped heads, else `untrained_heads`); the `--{family}-tree` choice list is no deeper than
+    there are heads (head d-1 drafts depth d); `--draft-vocab` holds the tree's widest top-k."""
+    num_heads, source = untrained_heads, f"--{family}-heads {untrained_heads}"
+    path = hc.heads_path(opts, cfg, head_type)
     if path is not None:
-        num_heads = read_heads_config(path, cfg)["num_heads"]
+        num_heads = read_config(path, cfg)["num_heads"]
         source = f"the {num_heads} heads of " + (f"--heads {opts.heads}" if opts.heads else f"shipped {path}")
-    paths = tree_paths(opts.medusa_tree, num_heads)
+    paths = tree_paths(tree, num_heads)
     dv.check_option(opts.draft_vocab, cfg, path, min_size=int(TreeTemplate(paths).ranks.max()) + 1)
-    depth = max(map(len, tree_paths(opts.medusa_tree, num_heads)))
+    depth = max(map(len, paths))
     if depth > num_heads:
         fits = [name for name in TREE_NAMES if max(map(len, tree_paths(name, num_heads))) <= num_heads]
-        raise InvalidArgumentError(f"--medusa-tree {opts.medusa_tree} is {depth} levels deep but there are only "
-                                   f"{num_heads} heads ({source}); head d-1 drafts depth d, so choose a shallower "
-                                   f"--medusa-tree ({', '.join(fits)}) or more heads")
+        raise InvalidArgumentError(f"--{family}-tree {tree} is {depth} levels deep but there are only {num_heads} "
+                                   f"heads ({source}); head d-1 drafts depth d, so choose a shallower "
+                                   f"--{family}-tree ({', '.join(fits)}) or more heads")
+
+
+def check_medusa(opts, cfg: Config) -> None:
+    """`--heads` is Medusa heads for this model and the tree fits them (`check_heads_tree`)."""
+    check_heads_tree(opts, cfg, HEAD_TYPE, read_heads_config, opts.medusa_heads, opts.medusa_tree, "medusa")
 
 
 @register("medusa", "Medusa: draft heads on the target's last hidden state fill a static tree (--heads trained "

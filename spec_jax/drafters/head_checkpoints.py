@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from spec_jax.errors import CheckpointError, DataFormatError, InvalidArgumentError
-from spec_jax.files import atomic_path
+from spec_jax.files import _as_if_created, atomic_path
 from spec_jax.models import Config
 from spec_jax.sharding import replicated, to_global
 
@@ -78,6 +78,7 @@ def save_heads(path: str | os.PathLike, head_type: str, params: Mapping, meta: M
     config = {**meta, "head_type": head_type}
     with atomic_path(path, directory=True) as tmp:
         save_file(flatten(params, dtype=dtype), str(tmp / WEIGHTS_FILE))
+        _as_if_created(tmp / WEIGHTS_FILE, directory=False)  # safetensors writes owner-only files
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if ranking_V is not None:
             np.save(tmp / RANKING_FILE, np.asarray(ranking_V, np.int32))

@@ -114,12 +114,14 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld", "lookahead",
-                                     "sam", "sam_tr", "medusa", "medusa_vocab", "eagle", "eagle_vocab"])
+                                     "sam", "sam_tr", "medusa", "medusa_vocab", "eagle", "eagle_vocab",
+                                     "hydra_vocab"])
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
+    from spec_jax.drafters import hydra
     from spec_jax.drafters.eagle import Eagle, init_eagle
     from spec_jax.drafters.lookahead import Lookahead
     from spec_jax.drafters.medusa import MEDUSA_TREES, Medusa, init_heads
@@ -158,6 +160,7 @@ def test_engine_sampling_matches_ar(drafter):
         "sam_tr": SAMTokenRecycling(k=3, levels=(3, 2), sam_k=3, min_match=2),
         "medusa": Medusa(num_heads=3, paths=MEDUSA_TREES["sim_8"]),
         "eagle": Eagle(tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
+        "hydra": hydra.Hydra(num_heads=3, prefix_layer=True, paths=MEDUSA_TREES["sim_8"]),
     }[drafter.removesuffix("_vocab")]
     carry = None
     if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
@@ -167,6 +170,8 @@ def test_engine_sampling_matches_ar(drafter):
         weights = init_heads(cfg, 3, jax.random.key(4), scale=0.5)
     if drafter.startswith("eagle"):
         weights = init_eagle(cfg, jax.random.key(4))
+    if drafter.startswith("hydra"):  # (tests/test_hydra.py checks the full vocabulary against the exact law)
+        weights = hydra.init_heads(cfg, 3, jax.random.key(4), prefix_layer=True, scale=0.5)
     if drafter.endswith("_vocab"):  # drafts from half the vocabulary, in a shuffled frequency order
         ranking = np.random.default_rng(1).permutation(cfg.vocab_size)
         weights = {**weights, "vocab": reduced_vocab(params, cfg, ranking, 4)}

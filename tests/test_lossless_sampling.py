@@ -119,9 +119,9 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
+    from spec_jax.drafters import hydra
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
-    from spec_jax.drafters import hydra
     from spec_jax.drafters.eagle import Eagle, init_eagle
     from spec_jax.drafters.lookahead import Lookahead
     from spec_jax.drafters.medusa import MEDUSA_TREES, Medusa, init_heads

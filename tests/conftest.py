@@ -32,3 +32,14 @@ def tiny_hf_dir(tmp_path_factory):
                        num_kv_heads=2, head_dim=16, eos_token_ids=(), max_position_embeddings=2048)
     params = init_params(cfg, jax.random.key(0))
     return export_hf(params, cfg, tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=tok)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs and traced constants after each test module: the suite compiles hundreds
+    of engines (several with 10,000-sequence batches), and keeping them all grew one process past 24 GB."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()

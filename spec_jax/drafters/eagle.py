@@ -344,11 +344,8 @@ def _shapes(config: Mapping, cfg: Config) -> dict:
     return shapes
 
 
-def _flat_shapes(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat_shapes(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": tuple(v.shape)})
-    return out
+def _flat_shapes(tree) -> dict:
+    return {k: tuple(np.shape(v)) for k, v in hc.flat_names(tree).items()}
 
 
 def save_eagle(path: str | os.PathLike, params, meta: Mapping, feature_layers: Sequence[int] = (),

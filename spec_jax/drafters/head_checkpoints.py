@@ -41,15 +41,17 @@ def heads_meta(cfg: Config, **extra) -> dict:
     return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers, **extra}
 
 
-def flatten(tree: Mapping, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
-    """{"fc": {"kernel": a}} -> {"fc.kernel": a} (host arrays of `dtype`)."""
+def flat_names(tree: Mapping, prefix: str = "") -> dict:
+    """{"fc": {"kernel": leaf}} -> {"fc.kernel": leaf}: the tensor names of a checkpoint, leaves as they are."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}.", dtype))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(jax.device_get(v)).astype(dtype)
+        out.update(flat_names(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
     return out
+
+
+def flatten(tree: Mapping, dtype=np.float32) -> dict[str, np.ndarray]:
+    """`flat_names` with the leaves as host arrays of `dtype`."""
+    return {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in flat_names(tree).items()}
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:

@@ -115,14 +115,6 @@ def param_shapes(cfg: Config, num_heads: int, head_layers: int = 1, prefix_layer
     return out
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": leaf}} -> {"a.b": leaf} (head_checkpoints' tensor names), leaves as they are."""
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
 def head_settings(params: Mapping) -> tuple[int, int, bool]:
     """(num_heads, head_layers, prefix_layer) of a Hydra parameter tree, read from its structure."""
     names = sorted(k for k in params if k.startswith("head_"))
@@ -372,8 +364,9 @@ class Hydra(TemplateDrafter):
         if not isinstance(weights, Mapping):
             raise TypeError("the hydra drafter needs head weights {'head_0', ...} (init_heads or load_heads), "
                             "and 'vocab' for a reduced draft vocabulary")
-        got = {k: tuple(np.shape(v)) for k, v in _flat({k: v for k, v in weights.items() if k != "vocab"}).items()}
-        want = _flat(param_shapes(cfg, self.num_heads, self.head_layers, self.prefix_layer))
+        heads = {k: v for k, v in weights.items() if k != "vocab"}
+        got = {k: tuple(np.shape(v)) for k, v in hc.flat_names(heads).items()}
+        want = hc.flat_names(param_shapes(cfg, self.num_heads, self.head_layers, self.prefix_layer))
         if got != want:
             diff = sorted(set(got.items()) ^ set(want.items()))
             raise InvalidArgumentError(
@@ -486,7 +479,7 @@ def load_heads(path: str | os.PathLike, cfg: Config, *, mesh=None) -> dict:
     """Hydra heads saved by `save_heads`, checked against model `cfg` and their own config; float32, placed
     replicated on `mesh` when given."""
     read_heads_config(path, cfg)
-    shapes = lambda c: _flat(param_shapes(cfg, c["num_heads"], c["head_layers"], c["prefix_layer"]))  # noqa: E731
+    shapes = lambda c: hc.flat_names(param_shapes(cfg, c["num_heads"], c["head_layers"], c["prefix_layer"]))  # noqa: E731
     return hc.load_heads(path, cfg, HEAD_TYPE, shapes, mesh=mesh)[0]
 
 

@@ -1,9 +1,9 @@
-"""`spec-jax generate | methods | search-skip | bench`: the command line.
+"""`spec-jax generate | methods | search-skip | search-exit | export-draft | bench`: the command line.
 
 Errors the user can act on (`SpecJaxError`, bad flags) are printed as one line and exit with status 2;
 Ctrl-C and SIGTERM print one line and exit with 130 and 143 (`spec_jax.interrupts`). Methods and
 their flags come from the method registry (`spec_jax.drafters.registry`); `generate` and `bench` name
-no method (`search-skip` is layer skipping's own tool).
+no method (`search-skip` and `search-exit` are layer skipping's and early exit's own tools).
 """
 
 from __future__ import annotations
@@ -124,6 +124,19 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_export_draft(args) -> int:
+    from spec_jax.decoding.setup import check_model, load_target
+    from spec_jax.drafters.draft_model import export_draft
+    from spec_jax.drafters.registry import validate
+
+    output_file(args.out, "--out")
+    cfg = check_model(args.model, "float32")
+    opts = validate("draft", {"draft_model": args.draft_model, "draft_layers": args.draft_layers}, cfg)
+    out = export_draft(opts, load_target(args.model, "float32", cfg=cfg), args.out)
+    print(f"draft model written to {out} (load it with transformers' AutoModelForCausalLM)")
+    return 0
+
+
 def cmd_search_skip(args) -> int:
     from tqdm import tqdm
 
@@ -155,6 +168,66 @@ def cmd_search_skip(args) -> int:
     path = save_skip_set(result, args.out, str(args.model))
     print(f"saved to {path}", file=sys.stderr)
     return 0
+
+
+def cmd_search_exit(args) -> int:
+    from tqdm import tqdm
+
+    from spec_jax.decoding import Engine, generate
+    from spec_jax.decoding.setup import check_model, enable_compilation_cache, load_target
+    from spec_jax.drafters import early_exit as ee
+    from spec_jax.drafters import vocab as dv
+    from spec_jax.policies import make_policy
+    from spec_jax.text import calibration_prompts
+
+    output_file(args.out, "--out")
+    cfg = check_model(args.model, args.dtype)
+    heads = ee.head_dir(args, cfg)
+    config = ee.read_exit_config(heads, cfg) if heads is not None else {}
+    exits = _exit_list(args.exits) or config.get("exit_layers") or list(range(2, cfg.num_layers, 2))
+    for n in exits:
+        ee.check_exit_layer(n, cfg, "--exits")
+    dv.check_option(args.draft_vocab, cfg, heads)
+    enable_compilation_cache()
+    target = load_target(args.model, args.dtype, cfg=cfg)
+    params, cfg = target.params, target.cfg
+    adapters = {n: ee.load_exit_adapter(heads, cfg, n) for n in exits if n in config.get("exit_layers", ())}
+    vocab = dv.with_vocab({}, args.draft_vocab, target, heads).get("vocab")
+    prompts = calibration_prompts(target.tokenizer, args.num_prompts)
+    # Calibration text is the target's own greedy answers (self-distillation, no external data).
+    ar = generate(Engine(cfg), params, prompts, args.calib_tokens)
+    seqs = [p + o for p, o in zip(prompts, ar.token_ids, strict=True)]
+    with tqdm(total=len(exits), desc="exit costs") as bar:
+        ranked = ee.rank_exits(params, cfg, seqs, exits, adapters, max_k=args.max_k, vocab=vocab, progress=bar.update)
+
+    def tokens_per_s(engine, weights=None) -> float:  # the second run, compiled already
+        generate(engine, params, prompts, args.time_tokens, weights=weights)
+        return generate(engine, params, prompts, args.time_tokens, weights=weights).stats()["tokens_per_second"]
+
+    ar_speed = tokens_per_s(Engine(cfg))
+    for row in ranked[: args.top]:  # the best predicted, decoded for real
+        n, k = row["exit_layer"], row["k"]
+        weights = ({"adapter": adapters[n]} if n in adapters else {}) | ({"vocab": vocab} if vocab is not None else {})
+        engine = Engine(cfg, ee.EarlyExit(exit_layer=n, policy=make_policy("fixed", k)))
+        row["measured_speedup"] = round(tokens_per_s(engine, weights) / ar_speed, 3)
+    best = max(ranked[: args.top], key=lambda r: r["measured_speedup"])
+    result = {"exit_layer": best["exit_layer"], "k": best["k"], "measured_speedup": best["measured_speedup"],
+              "agreement": best["agreement"], "ar_tokens_per_s": round(ar_speed, 2), "num_layers": cfg.num_layers,
+              "exit_head": None if heads is None else str(heads), "draft_vocab": args.draft_vocab,
+              "candidates": ranked}
+    print(json.dumps({k: v for k, v in result.items() if k != "candidates"}), flush=True)
+    print(f"saved to {ee.save_exit_choice(result, args.out, str(args.model))}", file=sys.stderr)
+    return 0
+
+
+def _exit_list(text: str | None) -> tuple[int, ...]:
+    """`--exits 8,12,16` as layer counts (empty when not given)."""
+    from spec_jax.training.data import layer_list
+
+    try:
+        return layer_list(text or "")
+    except argparse.ArgumentTypeError as e:
+        raise InvalidArgumentError(f"--exits: {e}") from None
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -243,6 +316,33 @@ def _main(argv) -> int:
     s.add_argument("--max-skip", type=Range(int, 1), default=None, help="most layers skipped (default: all but one)")
     s.add_argument("--draft-k", type=Range(int, 1), default=4, help="draft length the search assumes")
     s.set_defaults(fn=cmd_search_skip)
+
+    e = sub.add_parser("search-exit", help="pick the exit layer and draft length for --method early_exit by "
+                                           "measured speed")
+    e.add_argument("--model", default="smollm2-135m", help="short name, Hugging Face directory or .gguf file")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--out", required=True, help="where to write the exit choice (JSON, for --exit-file)")
+    e.add_argument("--exit-head", default=None, help="exit adapters (default: those shipped for this model; 'none')")
+    e.add_argument("--exits", default=None,
+                   help="candidate exit layers, comma-separated (default: the adapters' exits, else every other layer)")
+    e.add_argument("--num-prompts", type=Range(int, 1, len(CALIBRATION_PROMPTS)), default=4,
+                   help="calibration prompts")
+    e.add_argument("--calib-tokens", type=Range(int, 1), default=96, help="target tokens generated per prompt")
+    e.add_argument("--max-k", type=Range(int, 1, 16), default=6, help="longest draft considered")
+    e.add_argument("--top", type=Range(int, 1), default=3, help="best predicted candidates timed in real decoding")
+    e.add_argument("--time-tokens", type=Range(int, 1), default=64, help="tokens per prompt of each timed decode")
+    e.add_argument("--draft-vocab", type=Range(int, 0), default=0, help="reduced exit-head vocabulary (0: full)")
+    e.set_defaults(fn=cmd_search_exit)
+
+    x = sub.add_parser("export-draft", help="write the draft model of --method draft as an HF directory "
+                                            "(transformers' assisted generation runs it: hf_assisted)")
+    x.add_argument("--model", default="smollm2-135m", help="the target: short name, HF directory or .gguf file")
+    x.add_argument("--out", required=True, help="the HF directory to write")
+    x.add_argument("--draft-model", default=None, help="a distilled draft directory (default: the one shipped for "
+                                                       "the target)")
+    x.add_argument("--draft-layers", type=Range(int, 1), default=None,
+                   help="export the target's first N layers instead (the stand-in draft)")
+    x.set_defaults(fn=cmd_export_draft)
 
     b = sub.add_parser("bench", help="benchmark methods against our AR and Hugging Face in one run")
     from spec_jax.bench.run import add_bench_args, cmd_bench

@@ -115,7 +115,8 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
 
 @pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld", "lookahead",
                                      "sam", "sam_tr", "medusa", "medusa_vocab", "eagle", "eagle_vocab",
-                                     "hydra_vocab"])
+                                     "hydra_vocab", "eagle_structure", "tree_sampled_structure",
+                                     "early_exit", "specdecpp"])
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
@@ -123,9 +124,12 @@ def test_engine_sampling_matches_ar(drafter):
     from spec_jax.drafters.draft_model import DraftModel, DraftModelTree
     from spec_jax.drafters.dynamic_tree import DynamicTree
     from spec_jax.drafters.eagle import Eagle, init_eagle
+    from spec_jax.drafters.early_exit import EarlyExit
     from spec_jax.drafters.lookahead import Lookahead
     from spec_jax.drafters.medusa import MEDUSA_TREES, Medusa, init_heads
     from spec_jax.drafters.prompt_lookup import PromptLookup
+    from spec_jax.drafters.specdecpp import SpecDecPP, init_head
+    from spec_jax.drafters.structure import Structure, init_structure, input_size
     from spec_jax.drafters.suffix_automaton import SAMTokenRecycling, SuffixAutomatonDrafter
     from spec_jax.drafters.token_recycling import TokenRecycling
     from spec_jax.drafters.vocab import reduced_vocab
@@ -160,7 +164,13 @@ def test_engine_sampling_matches_ar(drafter):
         "sam_tr": SAMTokenRecycling(k=3, levels=(3, 2), sam_k=3, min_match=2),
         "medusa": Medusa(num_heads=3, paths=MEDUSA_TREES["sim_8"]),
         "eagle": Eagle(tree=DynamicTree(depth=3, width=2, k=3, budget=8)),
+        # A draft-structure predictor (AdaEAGLE) cuts each sequence's tree at its own depth.
+        "eagle_structure": Eagle(tree=DynamicTree(depth=3, width=2, k=3, budget=8), structure=Structure(margin=0)),
+        "tree_sampled_structure": DraftModelTree(draft_cfg=dcfg, tree=DynamicTree(depth=3, width=2, k=3, sampled=True),
+                                                 structure=Structure(margin=0)),
         "hydra": hydra.Hydra(num_heads=3, prefix_layer=True, paths=MEDUSA_TREES["sim_8"]),
+        "early_exit": EarlyExit(exit_layer=1, policy=make_policy("fixed", 3)),
+        "specdecpp": SpecDecPP(draft_cfg=dcfg, policy=make_policy("fixed", 3), threshold=0.5, min_k=1),
     }[drafter.removesuffix("_vocab")]
     carry = None
     if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
@@ -172,6 +182,16 @@ def test_engine_sampling_matches_ar(drafter):
         weights = init_eagle(cfg, jax.random.key(4))
     if drafter.startswith("hydra"):  # (tests/test_hydra.py checks the full vocabulary against the exact law)
         weights = hydra.init_heads(cfg, 3, jax.random.key(4), prefix_layer=True, scale=0.5)
+    if drafter.endswith("_structure"):  # a random predictor: depths 1 to 3 vary with the sampled context
+        head = init_structure(input_size(32, 32), 16, jax.random.key(5))
+        head["fc2"] = {"kernel": head["fc2"]["kernel"] * 3, "bias": jnp.full((1,), 1.5)}
+        weights = {**weights, "structure": head}
+    if drafter == "early_exit":  # the first layer drafts; verification runs the second from its exit states
+        weights = {}
+    if drafter == "specdecpp":  # a random acceptance head, centred: chains of 2 or 3 drafts by the sampled token
+        head = init_head(32, 3, jax.random.key(6))
+        head["out"]["bias"] = head["out"]["bias"] - jnp.array([1.1, 0.0])
+        weights = {"draft": dparams, "head": head}
     if drafter.endswith("_vocab"):  # drafts from half the vocabulary, in a shuffled frequency order
         ranking = np.random.default_rng(1).permutation(cfg.vocab_size)
         weights = {**weights, "vocab": reduced_vocab(params, cfg, ranking, 4)}

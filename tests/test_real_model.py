@@ -1,5 +1,7 @@
 """The embedded SmolLM2-135M-Instruct: our GGUF loader against transformers' on the same file."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,75 @@ def test_shipped_hydra_and_eagle_draft_losslessly(method, both):
         g = generate(Engine(cfg, built.drafter), params, prompts, 48, weights=built.weights)
         assert g.token_ids == ar.token_ids, vocab
         assert g.stats()["tau"] > 1.3, (vocab, g.stats())
+
+
+def test_shipped_structure_predictor_drafts_losslessly(both):
+    """`--method eagle` with the draft-structure predictor shipped for its draft (spec_jax/heads/
+    structure_eagle_smollm2, AdaEAGLE's length predictor): greedy-exact against AR at batch 2 and batch 1."""
+    from spec_jax.drafters import head_checkpoints as hc
+    from spec_jax.drafters.registry import Target, build, get
+    from spec_jax.text import encode_messages
+
+    _, params, cfg, tok = both
+    target = Target(params=params, cfg=cfg, tokenizer=tok)
+    prompts = [encode_messages(tok, [{"role": "user", "content": q}])
+               for q in ("Name three rivers in Europe.", "How do I boil an egg?")]
+    ar = generate(Engine(cfg), params, prompts, 48)
+    opts = {o.name: o.default for o in get("eagle").options}
+    built = build("eagle", opts | {"structure_head": str(hc.SHIPPED / "structure_eagle_smollm2")}, target)
+    assert built.drafter.structure is not None
+    engine = Engine(cfg, built.drafter)
+    g = generate(engine, params, prompts, 48, weights=built.weights)
+    assert g.token_ids == ar.token_ids
+    assert generate(engine, params, prompts[1:], 48, weights=built.weights).token_ids[0] == ar.token_ids[1]
+    assert g.stats()["tau"] > 1.3, g.stats()
+
+
+def test_shipped_early_exit_adapter_drafts_losslessly(both):
+    """`--method early_exit` on the embedded model builds from the adapters shipped in spec_jax/heads/
+    early_exit_smollm2 (configs/early_exit_smollm2.yaml): greedy-exact against AR at batch 2 and batch 1, with
+    the full and a reduced exit-head vocabulary, and accepted more than the plain exit at the same layer."""
+    from spec_jax.drafters import head_checkpoints as hc
+    from spec_jax.drafters.registry import Target, build, get
+    from spec_jax.text import encode_messages
+
+    _, params, cfg, tok = both
+    assert hc.shipped_heads(cfg, "early_exit") is not None
+    target = Target(params=params, cfg=cfg, tokenizer=tok)
+    prompts = [encode_messages(tok, [{"role": "user", "content": q}])
+               for q in ("Name three rivers in Europe.", "How do I boil an egg?")]
+    ar = generate(Engine(cfg), params, prompts, 48)
+    defaults = {o.name: o.default for o in get("early_exit").options}
+    trained = build("early_exit", defaults, target)
+    assert "adapter" in trained.weights
+    same_exit = {"exit_layer": trained.drafter.exit_layer, "draft_k": trained.drafter.policy.k}
+    taus = {}
+    for name, opts in (("trained", {}), ("vocab", {"draft_vocab": 4096}), ("plain", {"exit_head": "none"})):
+        built = build("early_exit", defaults | same_exit | opts, target)
+        g = generate(Engine(cfg, built.drafter), params, prompts, 48, weights=built.weights)
+        assert g.token_ids == ar.token_ids, name
+        taus[name] = g.stats()["tau"]
+    single = generate(Engine(cfg, trained.drafter), params, prompts[1:], 48, weights=trained.weights)
+    assert single.token_ids[0] == ar.token_ids[1]
+    assert taus["trained"] > taus["plain"], taus
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "spec_jax/heads/specdecpp_smollm2").is_dir(),
+                    reason="the SpecDec++ head ships after the distilled draft (configs/specdecpp_smollm2.yaml)")
+def test_shipped_specdecpp_head_drafts_losslessly(both):
+    """`--method specdecpp` on the embedded model with the distilled draft and the acceptance head shipped for it
+    (spec_jax/heads/specdecpp_smollm2): greedy-exact against AR at batch 2 and batch 1."""
+    from spec_jax.drafters.registry import Target, build, get
+    from spec_jax.text import encode_messages
+
+    _, params, cfg, tok = both
+    target = Target(params=params, cfg=cfg, tokenizer=tok)
+    prompts = [encode_messages(tok, [{"role": "user", "content": q}])
+               for q in ("Name three rivers in Europe.", "How do I boil an egg?")]
+    ar = generate(Engine(cfg), params, prompts, 48)
+    built = build("specdecpp", {o.name: o.default for o in get("specdecpp").options} | {"max_k": 8}, target)
+    engine = Engine(cfg, built.drafter)
+    g = generate(engine, params, prompts, 48, weights=built.weights)
+    assert g.token_ids == ar.token_ids
+    assert generate(engine, params, prompts[1:], 48, weights=built.weights).token_ids[0] == ar.token_ids[1]
+    assert g.stats()["tau"] > 1.3, g.stats()

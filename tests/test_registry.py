@@ -48,7 +48,7 @@ PROMPT = "Count: one two three one two three one two"
 
 def _extra(name: str, tmp_path) -> list[str]:
     """Options a tiny two-layer model needs (the defaults are sized for SmolLM2)."""
-    if name in ("draft", "draft_tree"):
+    if name in ("draft", "draft_tree", "specdecpp"):
         return ["--draft-layers", "1"]
     if name == "layer_skip":
         skip = tmp_path / "skip.json"

@@ -72,7 +72,7 @@ def test_recipe_settings_refused_clearly(tmp_path, data_dir):
 
     with pytest.raises(InvalidArgumentError, match="unknown key 'num_head'"):
         Recipe.from_mapping({"recipe": "medusa", "data": "d", "out": "o", "train": {}, "num_head": 2}, "r.yaml")
-    with pytest.raises(InvalidArgumentError, match="recipe: must be one of medusa, hydra, eagle, got 'eagle9'"):
+    with pytest.raises(InvalidArgumentError, match=r"recipe: must be one of medusa, hydra, eagle, .*got .eagle9."):
         Recipe.from_mapping({"recipe": "eagle9", "data": "d", "out": "o", "train": {}}, "r.yaml")
     with pytest.raises(InvalidArgumentError, match="num_heads: must be an integer in"):
         _recipe(tmp_path, data_dir).from_mapping({"recipe": "medusa", "data": "d", "out": "o", "num_heads": 0,

@@ -195,21 +195,21 @@ def _hf_model(path: Path):
 
 
 def _export_draft(spec: dict, tmp: Path) -> Path:
-    """The draft model for `hf_assisted` in HF format: `--draft-model`, or the same stand-in `draft` uses
-    (the target's first `--draft-layers` layers), exported with `models.export_hf`."""
+    """The draft model for `hf_assisted` in HF format: the draft `draft` would use with these options (a
+    distilled draft, `--draft-model`, or the stand-in), exported with `draft_model.export_draft`; an HF
+    directory or GGUF file given as `--draft-model` is used as it is."""
+    from spec_jax.decoding.setup import load_target
+    from spec_jax.drafters.draft_model import draft_source, export_draft
     from spec_jax.drafters.registry import options_for
-    from spec_jax.models import truncate
-    from spec_jax.models.loading import export_hf
-    from spec_jax.models.registry import load_model, resolve
+    from spec_jax.models.registry import load_config, resolve
 
-    a = options_for("draft", spec["method_args"])
-    if a.draft_model:
-        path = resolve(a.draft_model)
+    opts = options_for("draft", spec["method_args"])
+    kind, source = draft_source(opts, load_config(spec["model"]))
+    if kind == "model":
+        path = resolve(source)
         if path.suffix == ".gguf" or (path / "config.json").exists():
             return path
-    params, cfg = load_model(spec["model"], "float32")
-    dparams, dcfg = truncate(params, cfg, a.draft_layers)
-    return export_hf(dparams, dcfg, tmp / "draft")
+    return export_draft(opts, load_target(spec["model"], "float32"), tmp / "draft")
 
 
 def _device() -> dict:

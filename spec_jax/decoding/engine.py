@@ -188,8 +188,8 @@ class Engine:
         tree, cache = proposal.tree, proposal.cache
         committed_B = cache.lengths
         inputs_BxT, positions_BxT, mask_BxTxT = with_root(tree, proposal.pending_B, committed_B)
-        out = forward(params, cfg, inputs_BxT, positions_BxT, cache, mask_BxTxT if tree.num_nodes else None,
-                      return_hidden=drafter.hidden_layers)
+        out = drafter.verify_forward(weights, proposal.drafter, params, cfg, inputs_BxT, positions_BxT, cache,
+                                     mask_BxTxT if tree.num_nodes else None, drafter.hidden_layers)
         res = verify(tree, out.logits, self.sampling, proposal.verify_key, self.shape.depth, self.verify_mode)
         active_B = ~state.done_B
         n_commit_B = res.num_accepted_B + 1  # the root (pending token) plus the accepted drafts

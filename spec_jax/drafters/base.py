@@ -13,6 +13,7 @@ The engine calls, inside its jitted functions (so everything must be traceable):
     state = init(weights, carry, cfg, batch, cache_size)
     state = prefill(weights, state, PrefillContext)                  # after the target read the prompt
     tree, state, target_cache = propose(weights, state, StepContext)  # every step
+    output = verify_forward(weights, state, ...)                      # the target over [root, nodes]
     state = observe(weights, state, StepResult)                       # after verification and commit
 
 `shape` is the single source of truth for the static bounds of what `propose` does: the number of tree
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.errors import DataFormatError, InvalidArgumentError, first_line
-from spec_jax.models import Config, KVCache
+from spec_jax.models import Config, KVCache, forward
 from spec_jax.sampling import Sampling
 from spec_jax.trees import DraftTree, TreeTemplate
 
@@ -150,6 +151,16 @@ class Drafter:
 
     def observe(self, weights, state, result: StepResult):
         return state
+
+    def verify_forward(self, weights, state, params, cfg: Config, inputs_BxT, positions_BxT, cache: KVCache,
+                       mask_BxTxT, return_hidden: tuple[int, ...]):
+        """The target's forward over [root, nodes] (a `models.Output`), writing all layers' K/V at the T slots.
+
+        `state` is the drafter state after `propose`. A self-speculative drafter that already computed the early
+        layers for these tokens overrides this (early_exit runs only the upper layers from its exit states);
+        the cache it returns must be the one this default would return.
+        """
+        return forward(params, cfg, inputs_BxT, positions_BxT, cache, mask_BxTxT, return_hidden=return_hidden)
 
     def pruned(self, nodes: int, rates: np.ndarray | None = None) -> Drafter:
         """This drafter with its tree shrunk to `nodes` nodes (prunable drafters). `rates[i]`, when given, is

@@ -86,14 +86,19 @@ def _children(key, logits_BxWxV, spec: DynamicTree, s: sp.Sampling):
 
 
 def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_position_B, spec: DynamicTree,
-                       s: sp.Sampling, rng) -> tuple[DraftTree, jax.Array, object]:
+                       s: sp.Sampling, rng, depth_limit_B=None) -> tuple[DraftTree, jax.Array, object]:
     """Grow a tree below the root; returns it, each node's scratch offset (-1: not fed), and the cache.
 
     `root_logits` are the drafting model's logits for the root's successors; node positions are
     `root_position + depth`. Candidates are kept in breadth-first lists (one entry per level) of
     tokens, cumulative log q scores, parent candidate indices, depths, q rows and fed slots.
+
+    `depth_limit_B` ([B] int, from a draft-structure predictor: AdaEAGLE) caps each sequence's tree:
+    candidates deeper than its limit are never kept (the budget goes to the best ones within it; when
+    fewer remain, the surplus nodes are invalid), and a level no sequence needs is not fed at all.
     """
     B = root_logits_BxV.shape[0]
+    limit_B = None if depth_limit_B is None else jnp.clip(depth_limit_B, 1, spec.depth).astype(jnp.int32)
     W, k = spec.width, spec.k
     keys = jax.random.split(rng, spec.depth)
     toks_BxC, score_BxC, qs = _children(keys[0], root_logits_BxV[:, None], spec, s)
@@ -120,7 +125,8 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
         cand_fed[-1] = jnp.full(level_tok_BxC.shape, -1, jnp.int32).at[jnp.arange(B)[:, None], top_BxW].set(
             slots_W[None])
         positions_BxW = (root_position_B + d)[:, None] + jnp.zeros((B, W), jnp.int32)
-        logits_BxWxV, cache = tree_step(cache, f_tok_BxW, positions_BxW, rows_BxWxF, f_parent_slot_BxW)
+        logits_BxWxV, cache = _level(tree_step, cache, (f_tok_BxW, positions_BxW, rows_BxWxF, f_parent_slot_BxW),
+                                     None if limit_B is None else jnp.any(limit_B > d))
         toks_BxC, logq_BxC, qs = _children(keys[d], logits_BxWxV, spec, s)
         score_BxC = jnp.repeat(f_score_BxW, k, axis=1) + logq_BxC
         parent_idx_BxW = level_start + top_BxW  # candidate index of each expanded node
@@ -137,10 +143,12 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
     cat = lambda xs: jnp.concatenate(xs, axis=1)
     tok_BxM, score_BxM, parent_BxM, depth_BxM, fed_BxM = map(cat, (cand_tok, cand_score, cand_parent, cand_depth,
                                                                     cand_fed))
-    if spec.sampled:  # siblings are kept together: the whole expansion is the tree
-        return _tree(tok_BxM, parent_BxM, depth_BxM, cat(cand_q)), fed_BxM, cache
+    allowed_BxM = jnp.ones(depth_BxM.shape, bool) if limit_B is None else depth_BxM <= limit_B[:, None]
+    if spec.sampled:  # siblings are kept together: the whole expansion is the tree (levels past the limit invalid)
+        return _tree(tok_BxM, parent_BxM, depth_BxM, cat(cand_q), allowed_BxM), fed_BxM, cache
     # Keep the best `budget` candidates; a tiny depth penalty breaks parent/child ties toward the parent.
-    score_BxM = score_BxM - 1e-6 * depth_BxM
+    # Candidates past the depth limit rank below every allowed one (kept only as invalid padding).
+    score_BxM = jnp.where(allowed_BxM, score_BxM - 1e-6 * depth_BxM, -jnp.inf)
     keep_BxN = jax.lax.top_k(score_BxM, spec.budget)[1]
     # Breadth-first (parents first, depths non-decreasing), best first within a level: slot i's acceptance
     # rate then ranks like the node's score, which `--budget auto` prunes by.
@@ -153,13 +161,28 @@ def draft_dynamic_tree(tree_step: TreeStep, cache, root_logits_BxV, root_positio
     kept_parent_BxN = take(parent_BxM)
     new_parent_BxN = jnp.where(kept_parent_BxN < 0, -1,
                                jnp.take_along_axis(new_index_BxM, jnp.maximum(kept_parent_BxN, 0), 1))
-    return _tree(take(tok_BxM), new_parent_BxN, take(depth_BxM), None), take(fed_BxM), cache
+    return _tree(take(tok_BxM), new_parent_BxN, take(depth_BxM), None, take(allowed_BxM)), take(fed_BxM), cache
 
 
-def _tree(tokens_BxN, parents_BxN, depth_BxN, q) -> DraftTree:
-    B, N = tokens_BxN.shape
+def _level(tree_step: TreeStep, carry, inputs, needed):
+    """One level's `tree_step`, or, when `needed` (a traced bool; None: always) is False, nothing: zero logits
+    and the carry as it was, any leaf the step grows (per-level outputs appended at the end) padded with zeros.
+    The skipped level's candidates lie past every sequence's depth limit, so its logits are never used."""
+    if needed is None:
+        return tree_step(carry, *inputs)
+    out_shape = jax.eval_shape(lambda c: tree_step(c, *inputs), carry)
+
+    def skip(c):
+        grown = jax.tree.map(lambda x, o: jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, o.shape, strict=True)])
+                             .astype(o.dtype), c, out_shape[1])
+        return jnp.zeros(out_shape[0].shape, out_shape[0].dtype), grown
+
+    return jax.lax.cond(needed, lambda c: tree_step(c, *inputs), skip, carry)
+
+
+def _tree(tokens_BxN, parents_BxN, depth_BxN, q, valid_BxN) -> DraftTree:
     return DraftTree(tokens=tokens_BxN, parents=parents_BxN, depth=depth_BxN,
-                     mask=ancestor_mask_from_parents(parents_BxN), valid=jnp.ones((B, N), bool), q=q)
+                     mask=ancestor_mask_from_parents(parents_BxN), valid=valid_BxN, q=q)
 
 
 def tree_options(depth: int = 4, width: int = 4, k: int = 4, budget: int = 12) -> tuple[Option, ...]:

@@ -22,7 +22,8 @@ own outputs down a branch. The two variants differ in the feature space:
 
 Drafting (EAGLE-2's dynamic tree, `dynamic_tree.draft_dynamic_tree`): the nodes with the highest cumulative
 draft probability are expanded level by level, each expanded node a draft row fed its parent's output, and
-the best `budget` kept. Verification is the engine's, on the full vocabulary: lossless.
+the best `budget` kept. Verification is the engine's, on the full vocabulary: lossless. With a draft-structure
+predictor (`--structure-head`, `structure.py`: AdaEAGLE), each step's tree grows only as deep as it predicts.
 
 Draft rows and the KV cache: with c tokens committed and x_c pending, rows 0..c-1 are the committed rows
 (row c-1 pairs f_{c-1} with x_c). The target's features of the newly committed tokens arrive after
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_jax.drafters import head_checkpoints as hc
+from spec_jax.drafters import structure as st
 from spec_jax.drafters import vocab as dv
 from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepContext, StepResult
 from spec_jax.drafters.dynamic_tree import DynamicTree, check_tree, draft_dynamic_tree, tree_options
@@ -223,6 +225,7 @@ class Eagle(Drafter):
 
     feature_layers: tuple[int, ...] = ()
     tree: DynamicTree = DynamicTree(depth=5, width=4, k=4, budget=16)
+    structure: st.Structure | None = None  # a draft-structure predictor sets each step's depth (weights["structure"])
     name = "eagle"
     prunable = True
 
@@ -245,13 +248,15 @@ class Eagle(Drafter):
         expect = _shapes({"feature_layers": list(self.feature_layers), "hidden_size": cfg.hidden_size}, cfg)
         if not isinstance(weights, Mapping):
             raise TypeError("the eagle drafter needs draft weights (init_eagle or load_eagle)")
-        got = _flat_shapes({k: v for k, v in weights.items() if k != "vocab"})  # shapes only: nothing copied
+        got = _flat_shapes({k: v for k, v in weights.items() if k not in ("vocab", st.HEAD_TYPE)})  # shapes only
         if got != expect:
             raise InvalidArgumentError(f"eagle weights do not fit this model and feature layers "
                                        f"{self.feature_layers}: {sorted(set(got.items()) ^ set(expect.items()))[:4]}")
         if any(not 0 < i <= cfg.num_layers for i in self.feature_layers):
             raise InvalidArgumentError(f"eagle feature layers {self.feature_layers} must be in 1..{cfg.num_layers}")
         dv.check_weights(weights.get("vocab"), cfg, self.tree.k, self.name)
+        st.check_weights(self.structure, weights.get(st.HEAD_TYPE), st.input_size(cfg.hidden_size, cfg.hidden_size),
+                         self.name)
         if weights.get("vocab") is not None and self.tree.sampled:
             raise InvalidArgumentError("eagle: sampled children need the full draft vocabulary (the verifier needs "
                                        "q on the target's); use top-k children or omit --draft-vocab")
@@ -290,7 +295,7 @@ class Eagle(Drafter):
 
     def propose(self, weights, state, ctx: StepContext):
         cfg, vocab = ctx.cfg, weights.get("vocab")
-        params = {k: v for k, v in weights.items() if k != "vocab"}
+        params = {k: v for k, v in weights.items() if k not in ("vocab", st.HEAD_TYPE)}
         feats_BxPxE = self._features(params, ctx.target_params, cfg, state["raw"]).astype(cfg.jnp_dtype)
         P = feats_BxPxE.shape[1]
         base_B = ctx.committed_B - state["n_B"]  # the first row not yet in the draft cache
@@ -302,6 +307,12 @@ class Eagle(Drafter):
         root_BxE = jnp.take_along_axis(out_BxPxE, (state["n_B"] - 1)[:, None, None], axis=1)[:, 0]
         root_logits_BxV = readout(params, ctx.target_params, cfg, root_BxE, vocab)
         committed_B = ctx.committed_B
+        limit_B = None
+        if self.structure is not None:  # AdaEAGLE's LDLP reads (e(x_c), f_{c-1}) at the root: how deep to draft
+            feat_BxE = jnp.take_along_axis(feats_BxPxE, (state["n_B"] - 1)[:, None, None], axis=1)[:, 0]
+            x_BxI = st.structure_inputs(embed(ctx.target_params, cfg, ctx.pending_B), feat_BxE, root_logits_BxV)
+            limit_B = st.depth_limit(st.predict_accepted(weights[st.HEAD_TYPE], x_BxI), self.structure.margin,
+                                     self.tree.depth)
 
         def tree_step(carry, tokens_BxW, positions_BxW, tree_mask, parent_slot_BxW):
             cache, fed_out_BxFxE = carry
@@ -315,7 +326,7 @@ class Eagle(Drafter):
         empty = jnp.zeros((root_BxE.shape[0], 0, root_BxE.shape[1]), root_BxE.dtype)
         # Row c-1 is the root's row, so a depth-d node is row c-1+d (its position).
         tree, _, (cache, _) = draft_dynamic_tree(tree_step, (cache, empty), root_logits_BxV, committed_B - 1,
-                                                 self.tree, ctx.sampling, ctx.rng)
+                                                 self.tree, ctx.sampling, ctx.rng, limit_B)
         tree = tree.replace(tokens=dv.to_target_ids(vocab, tree.tokens))
         return tree, {**state, "cache": cache}, ctx.cache
 
@@ -402,6 +413,7 @@ EAGLE_OPTIONS = (
            "(EAGLE-1: the final-normed last hidden state), eagle3 (fused low/middle/high layers) or a list 2,15,28"),
     *tree_options(depth=5, width=4, k=4, budget=16),
     dv.VOCAB_OPTION,
+    *st.STRUCTURE_OPTIONS,
 )
 
 
@@ -417,6 +429,7 @@ def check_eagle(opts, cfg: Config) -> None:
     if opts.draft_vocab and opts.sampled_children:
         raise InvalidArgumentError("--sampled-children needs the full draft vocabulary (the verifier needs the draft "
                                    "distribution on the target's tokens); omit --draft-vocab")
+    st.check_option(opts, cfg, "eagle")
 
 
 @register("eagle", "EAGLE: a one-layer draft over the target's features grows an EAGLE-2 dynamic tree (--heads a "
@@ -430,6 +443,7 @@ def build(opts, target) -> Built:
         layers = parse_layers(opts.feature_layers, target.cfg)
         weights = init_eagle(target.cfg, jax.random.key(0), layers, mesh=target.mesh)
     weights = dv.with_vocab(weights, opts.draft_vocab, target, path)
+    structure, weights = st.with_structure(opts, target, "eagle", weights)
     tree = DynamicTree(depth=opts.tree_depth, width=opts.tree_width, k=opts.tree_k, budget=opts.tree_budget,
                        sampled=opts.sampled_children)
-    return Built(Eagle(feature_layers=layers, tree=tree), weights=weights)
+    return Built(Eagle(feature_layers=layers, tree=tree, structure=structure), weights=weights)

@@ -151,6 +151,13 @@ def _tokenizer_from_gguf(path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of a tokenizer's token -> id map: equal exactly when two tokenizers give every token the same id."""
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+
+
 def check_same_tokenizer(target_tok, draft_tok, target_cfg: Config, draft_cfg: Config) -> None:
     """Refuse a draft model whose vocabulary differs from the target's, before any compute."""
     from spec_jax.errors import TokenizerMismatchError

@@ -40,7 +40,7 @@ from spec_jax.drafters.medusa import (
 from spec_jax.errors import DataFormatError, InvalidArgumentError
 from spec_jax.training.config import TrainConfig, check_ranges, fields_from_mapping
 
-RECIPES = ("medusa", "hydra", "eagle")
+RECIPES = ("medusa", "hydra", "eagle", "draft", "structure", "specdecpp", "early_exit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,9 @@ class Recipe:
     three layers: EAGLE-3), `ttt_steps` (training-time test), `regression` / `soft_ce` (loss weights),
     `noise`, `starts_per_row` (rows scored by the LM head), `sim_steps` (chain length of the held-out sim_tau)
     and `tau_depth` / `tau_width` / `tau_k` / `tau_budget` (the dynamic tree of the final tau).
+    Structure (`structure_recipe`): `structure_method` (eagle or draft_tree), `structure_draft` (its draft: --heads
+    or --draft-model; empty: the method's default), `structure_depth` (labels capped there), `structure_hidden`
+    (MLP width), `structure_margin` (levels past the prediction), with `starts_per_row` and the `tau_*` tree.
     """
 
     recipe: str
@@ -85,13 +88,49 @@ class Recipe:
     tau_width: int = 4
     tau_k: int = 4
     tau_budget: int = 16
+    # draft (a distilled draft model, `spec_jax.training.distill`)
+    draft_layers: int = 2
+    init_layers: tuple[int, ...] = ()
+    divergence: str = "fkl"
+    onpolicy_rows: int = 0
+    onpolicy_tokens: int = 32
+    onpolicy_width: int = 192
+    # structure (AdaEAGLE's draft-length predictor, `spec_jax.training.structure_recipe`)
+    structure_method: str = "eagle"
+    structure_draft: str = ""
+    structure_depth: int = 5
+    structure_hidden: int = 256
+    structure_margin: int = 1
+    # specdecpp (SpecDec++'s acceptance head for a draft model, `spec_jax.training.acceptance_recipe`)
+    acc_draft_model: str = ""
+    acc_draft_layers: int = 0
+    acc_blocks: int = 3
+    acc_reject_weight: float = 6.0
+    acc_mixing: float = 0.15
+    acc_greedy: bool = False
+    acc_threshold: float = 0.3
+    acc_min_k: int = 2
+    acc_max_k: int = 20
+    # early_exit (exit adapters trained by self-distillation, `spec_jax.training.exit_recipe`)
+    exit_layers: tuple[int, ...] = ()
+    adapter_rank: int = 128
+    curriculum: str = "none"
+    rotation: int = 2
 
     RANGES = {"num_heads": Range(int, 1, 16), "windows_per_row": Range(int, 1), "eval_rows": Range(int, 1),
               "tau_prompts": Range(int, 0), "tau_tokens": Range(int, 1), "draft_vocab": Range(int, 0),
               "ttt_steps": Range(int, 1, 16), "regression": Range(float, 0), "soft_ce": Range(float, 0),
               "noise": Range(float, 0), "starts_per_row": Range(int, 1), "sim_steps": Range(int, 1, 16),
               "tau_depth": Range(int, 1), "tau_width": Range(int, 1), "tau_k": Range(int, 1),
-              "tau_budget": Range(int, 1), "head_layers": Range(int, 1, 8)}
+              "tau_budget": Range(int, 1), "head_layers": Range(int, 1, 8),
+              "draft_layers": Range(int, 1, 64), "onpolicy_rows": Range(int, 0), "onpolicy_tokens": Range(int, 1),
+              "onpolicy_width": Range(int, 2),
+              "structure_depth": Range(int, 1, 16), "structure_hidden": Range(int, 1),
+              "structure_margin": Range(int, 0),
+              "acc_draft_layers": Range(int, 0, 64), "acc_blocks": Range(int, 0, 16),
+              "acc_reject_weight": Range(float, 0), "acc_mixing": Range(float, 0, 1),
+              "acc_threshold": Range(float, 0, 1), "acc_min_k": Range(int, 1), "acc_max_k": Range(int, 1),
+              "adapter_rank": Range(int, 1, 4096), "rotation": Range(int, 1)}
 
     @classmethod
     def from_mapping(cls, data, source: str) -> Recipe:
@@ -107,7 +146,17 @@ class Recipe:
             raise InvalidArgumentError(f"{source}: feature_layers: expected a list of layer counts >= 1 (EAGLE-3's "
                                        f"low, middle and high layers), got {layers!r}")
         values["feature_layers"] = tuple(layers)
-        for flag in ("prefix_layer", "teacher"):
+        init = values.get("init_layers", ())
+        if not isinstance(init, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                       for i in init):
+            raise InvalidArgumentError(f"{source}: init_layers: expected a list of target layer indices (the "
+                                       f"draft's starting layers), got {init!r}")
+        values["init_layers"] = tuple(init)
+        from spec_jax.training.exit_recipe import check_exit_recipe
+
+        values["exit_layers"] = check_exit_recipe(values.get("exit_layers", ()), values.get("curriculum", "none"),
+                                                  source)
+        for flag in ("prefix_layer", "teacher", "acc_greedy"):
             if not isinstance(values.get(flag, False), bool):
                 raise InvalidArgumentError(f"{source}: {flag}: expected true or false, got {values[flag]!r}")
         values["train"] = TrainConfig.from_mapping(values["train"], source=f"{source} (train)")
@@ -302,7 +351,38 @@ def hydra_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
                  drafter=drafter, save=hydra.save_heads)
 
 
-FAMILIES: dict[str, Callable[..., Parts]] = {"medusa": medusa_parts, "hydra": hydra_parts, "eagle": eagle_parts}
+def draft_parts(*args) -> Parts:
+    """A draft model distilled from the target (`spec_jax.training.distill`)."""
+    from spec_jax.training.distill import draft_parts
+
+    return draft_parts(*args)
+
+
+def structure_parts(*args) -> Parts:
+    """AdaEAGLE's draft-length predictor for a tree drafter (`spec_jax.training.structure_recipe`)."""
+    from spec_jax.training.structure_recipe import structure_parts
+
+    return structure_parts(*args)
+
+
+def specdecpp_parts(*args) -> Parts:
+    """SpecDec++'s acceptance-prediction head for a draft model (`spec_jax.training.acceptance_recipe`)."""
+    from spec_jax.training.acceptance_recipe import specdecpp_parts
+
+    return specdecpp_parts(*args)
+
+
+def exit_parts(*args) -> Parts:
+    """Early-exit adapters trained by self-distillation from the final layer (`spec_jax.training.exit_recipe`)."""
+    from spec_jax.training.exit_recipe import exit_parts
+
+    return exit_parts(*args)
+
+
+FAMILIES: dict[str, Callable[..., Parts]] = {"medusa": medusa_parts, "hydra": hydra_parts, "eagle": eagle_parts,
+                                             "draft": draft_parts,
+                                             "structure": structure_parts, "specdecpp": specdecpp_parts,
+                                             "early_exit": exit_parts}
 
 
 # ----------------------------------------------------------------------------- the recipe

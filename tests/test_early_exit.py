@@ -235,9 +235,11 @@ def test_curricula_and_loss_scales():
     assert enabled_exits("gradual", 4, 0, 10, 2).tolist() == [False, False, False, True]
     assert enabled_exits("gradual", 4, 3, 10, 2).tolist() == [False, False, True, True]  # 0.6 >= 2/4
     assert enabled_exits("gradual", 4, 5, 10, 2).tolist() == [True] * 4
-    # LayerSkip's sum_l: exits after 4, 8, 12 layers, the middle one off -> cumsum (4, 4, 16) masked (4, 0, 16).
+    # LayerSkip's sum_l: exits after 4, 8, 12 layers weigh 0+1+2+3 = 6, 28 and 66; the middle one off.
     np.testing.assert_allclose(loss_scales(jnp.array([4, 8, 12]), jnp.array([True, False, True])),
-                               [0.2, 0.0, 0.8], rtol=1e-6)
+                               [6 / 72, 0.0, 66 / 72], rtol=1e-6)
+    np.testing.assert_allclose(loss_scales(jnp.array([4, 8, 12]), jnp.array([True, True, True])),
+                               [6 / 100, 28 / 100, 66 / 100], rtol=1e-6)
 
 
 def test_search_exit_writes_a_choice_that_generate_reads(tiny_hf_dir, tmp_path, capsys):

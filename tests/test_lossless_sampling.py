@@ -116,7 +116,7 @@ def test_broken_verifier_is_caught(mode, monkeypatch):
 @pytest.mark.parametrize("drafter", ["chain", "tree_sampled", "tree_topk", "token_recycling", "pld", "lookahead",
                                      "sam", "sam_tr", "medusa", "medusa_vocab", "eagle", "eagle_vocab",
                                      "hydra_vocab", "eagle_structure", "tree_sampled_structure",
-                                     "early_exit", "specdecpp"])
+                                     "early_exit", "early_exit_svip", "specdecpp", "chain_vocab"])
 def test_engine_sampling_matches_ar(drafter):
     """End to end: the first three tokens from speculative engines follow AR sampling's law."""
     from spec_jax.decoding import Engine
@@ -170,12 +170,14 @@ def test_engine_sampling_matches_ar(drafter):
                                                  structure=Structure(margin=0)),
         "hydra": hydra.Hydra(num_heads=3, prefix_layer=True, paths=MEDUSA_TREES["sim_8"]),
         "early_exit": EarlyExit(exit_layer=1, policy=make_policy("fixed", 3)),
+        # An entropy stop: chains of 1 to 3 drafts, so fewer exit states than slots are kept some steps.
+        "early_exit_svip": EarlyExit(exit_layer=1, policy=make_policy("svip", 3)),
         "specdecpp": SpecDecPP(draft_cfg=dcfg, policy=make_policy("fixed", 3), threshold=0.5, min_k=1),
     }[drafter.removesuffix("_vocab")]
     carry = None
     if drafter in ("token_recycling", "sam_tr"):  # a random warm matrix: the first step drafts real trees
         carry = np.random.default_rng(0).integers(0, 8, size=(8, 3)).astype(np.int32)
-    weights = dparams if drafter == "chain" or drafter.startswith("tree") else None
+    weights = dparams if drafter.startswith(("chain", "tree")) else None
     if drafter.startswith("medusa"):  # random heads (zero ones draft the LM head's own top tokens)
         weights = init_heads(cfg, 3, jax.random.key(4), scale=0.5)
     if drafter.startswith("eagle"):
@@ -186,7 +188,7 @@ def test_engine_sampling_matches_ar(drafter):
         head = init_structure(input_size(32, 32), 16, jax.random.key(5))
         head["fc2"] = {"kernel": head["fc2"]["kernel"] * 3, "bias": jnp.full((1,), 1.5)}
         weights = {**weights, "structure": head}
-    if drafter == "early_exit":  # the first layer drafts; verification runs the second from its exit states
+    if drafter.startswith("early_exit"):  # the first layer drafts; verification runs the second from its exit states
         weights = {}
     if drafter == "specdecpp":  # a random acceptance head, centred: chains of 2 or 3 drafts by the sampled token
         head = init_head(32, 3, jax.random.key(6))

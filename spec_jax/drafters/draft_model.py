@@ -33,15 +33,23 @@ from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepCont
 from spec_jax.drafters.chain import LENGTH_POLICY, ChainDrafter, draft_chain
 from spec_jax.drafters.dynamic_tree import TREE_OPTIONS, DynamicTree, check_tree, draft_dynamic_tree
 from spec_jax.drafters.registry import Built, Option, register
-from spec_jax.drafters.vocab import VOCAB_OPTION, check_option, check_weights, vocab_logits, with_vocab
+from spec_jax.drafters.vocab import (
+    VOCAB_OPTION,
+    check_option,
+    check_weights,
+    full_vocab_logits,
+    vocab_logits,
+    with_vocab,
+)
 from spec_jax.errors import DataFormatError, InvalidArgumentError, TokenizerMismatchError
 from spec_jax.models import Config, commit, final_norm, forward, init_cache, truncate
 from spec_jax.policies import make_policy
 
 
 def _model_params(weights) -> dict:
-    """The draft model's parameters without the reduced vocabulary `--draft-vocab` adds to its weights."""
-    return {k: v for k, v in weights.items() if k != "vocab"}
+    """The draft model's parameters without what drafters add to its weights (a reduced vocabulary, a
+    draft-structure predictor)."""
+    return {k: v for k, v in weights.items() if k not in ("vocab", st.HEAD_TYPE)}
 
 
 class _DraftModelBase:
@@ -59,18 +67,22 @@ class _DraftModelBase:
         check_weights(weights.get("vocab"), cfg, 1, self.name)
 
     def _forward(self, weights, tokens_BxT, positions_BxT, cache, tree_mask=None, logits_at=None):
-        """(logits [B, K, V] at `logits_at` (every token when None), cache) of the draft model; with a reduced
-        vocabulary, the tokens outside it get the lowest float32 logit, so sampling and top-k never draft them."""
+        """(logits [B, K, V] at `logits_at` (every token when None), cache) of the draft model."""
+        logits, cache, _ = self._forward_hidden(weights, tokens_BxT, positions_BxT, cache, tree_mask, logits_at)
+        return logits, cache
+
+    def _forward_hidden(self, weights, tokens_BxT, positions_BxT, cache, tree_mask=None, logits_at=None):
+        """`_forward` and the draft's last hidden state (before the final norm) at the same tokens [B, K, E]; with a
+        reduced vocabulary, the tokens outside it get the lowest float32 logit, so drafting never picks them."""
         vocab = weights.get("vocab")
         weights = _model_params(weights)
-        if vocab is None:
-            out = forward(weights, self.draft_cfg, tokens_BxT, positions_BxT, cache, tree_mask, logits_at=logits_at)
-            return out.logits, out.cache
-        out = forward(weights, self.draft_cfg, tokens_BxT, positions_BxT, cache, tree_mask, compute_logits=False)
+        out = forward(weights, self.draft_cfg, tokens_BxT, positions_BxT, cache, tree_mask, logits_at=logits_at,
+                      compute_logits=vocab is None)
         h = out.final_hidden if logits_at is None else jnp.take_along_axis(out.final_hidden, logits_at[..., None], 1)
+        if vocab is None:
+            return out.logits, out.cache, h
         small = vocab_logits(vocab, final_norm(weights, self.draft_cfg, h))
-        full = jnp.full((*small.shape[:-1], self.draft_cfg.vocab_size), jnp.finfo(jnp.float32).min, jnp.float32)
-        return full.at[..., vocab["d2t"]].set(small), out.cache
+        return full_vocab_logits(vocab, small, self.draft_cfg.vocab_size), out.cache, h
 
     def _step(self, weights):
         def model_step(cache, tokens, positions):
@@ -134,24 +146,23 @@ class DraftModelTree(_DraftModelBase, Drafter):
         E = self.draft_cfg.hidden_size
         st.check_weights(self.structure, weights.get(st.HEAD_TYPE), st.input_size(E, E), self.name)
 
-    def _depth_limit(self, weights, first_Bx2, positions_Bx2, cache, root_logits_BxV):
+    def _depth_limit(self, weights, pending_B, h_BxE, root_logits_BxV):
         """AdaEAGLE's predicted tree depth [B] from the draft's embedding of the pending token and its last
-        hidden state there (the root forward again, hidden states only; its cache is dropped)."""
+        hidden state there."""
         from spec_jax.models import embed
 
-        model = {k: v for k, v in weights.items() if k not in ("vocab", st.HEAD_TYPE)}
-        h_BxE = forward(model, self.draft_cfg, first_Bx2, positions_Bx2, cache, compute_logits=False).final_hidden
-        x_BxI = st.structure_inputs(embed(model, self.draft_cfg, first_Bx2[:, 1]), h_BxE[:, 1], root_logits_BxV)
+        model = _model_params(weights)
+        x_BxI = st.structure_inputs(embed(model, self.draft_cfg, pending_B), h_BxE, root_logits_BxV)
         return st.depth_limit(st.predict_accepted(weights[st.HEAD_TYPE], x_BxI), self.structure.margin,
                               self.tree.depth)
 
     def propose(self, weights, state, ctx: StepContext):
         first_Bx2, positions_Bx2 = self._root_inputs(ctx)
         root_cache = state["cache"].replace(lengths=ctx.committed_B - 1)
-        logits, cache = self._forward(weights, first_Bx2, positions_Bx2, root_cache,
-                                      logits_at=jnp.ones((first_Bx2.shape[0], 1), jnp.int32))
-        limit_B = None if self.structure is None else self._depth_limit(weights, first_Bx2, positions_Bx2,
-                                                                         root_cache, logits[:, 0])
+        logits, cache, h_Bx1xE = self._forward_hidden(weights, first_Bx2, positions_Bx2, root_cache,
+                                                      logits_at=jnp.ones((first_Bx2.shape[0], 1), jnp.int32))
+        limit_B = None if self.structure is None else self._depth_limit(weights, first_Bx2[:, 1], h_Bx1xE[:, 0],
+                                                                         logits[:, 0])
         base_B = ctx.committed_B + 1  # committed draft entries: the prompt, the accepted tokens, the pending one
 
         def tree_step(cache, tokens, positions, tree_mask, parent_slots):

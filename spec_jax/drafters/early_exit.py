@@ -92,12 +92,6 @@ def exit_logits(adapter: dict | None, target_params, cfg: Config, h_BxE: jax.Arr
     return lm_head(target_params, cfg, normed) if vocab is None else dv.vocab_logits(vocab, normed)
 
 
-def _full_vocab(vocab: dict, logits_BxVd: jax.Array, vocab_size: int) -> jax.Array:
-    """Reduced-vocabulary logits spread over the full vocabulary (the rest impossible), as drafting needs."""
-    full = jnp.full(logits_BxVd.shape[:-1] + (vocab_size,), jnp.finfo(jnp.float32).min, jnp.float32)
-    return full.at[..., vocab["d2t"]].set(logits_BxVd)
-
-
 def _write_at(buf_BxSxE: jax.Array, new_BxTxE: jax.Array, starts_B: jax.Array) -> jax.Array:
     """Each sequence's new rows written at its own offset."""
     return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), s, 0))(
@@ -157,7 +151,7 @@ class EarlyExit(ChainDrafter):
         def model_step(carry, tokens_BxT, positions_BxT):
             carry, h_BxE = exit_forward(carry, tokens_BxT, positions_BxT)
             logits = exit_logits(adapter, ctx.target_params, cfg, h_BxE, vocab)
-            return (logits if vocab is None else _full_vocab(vocab, logits, cfg.vocab_size)), carry
+            return (logits if vocab is None else dv.full_vocab_logits(vocab, logits, cfg.vocab_size)), carry
 
         tree, carry = draft_chain(model_step, (ctx.cache, state["exit_hidden"]), ctx.pending_B[:, None],
                                   committed_B[:, None], self.policy, state["policy"], ctx.sampling, ctx.rng)
@@ -171,7 +165,7 @@ class EarlyExit(ChainDrafter):
     def verify_forward(self, weights, state, params, cfg: Config, inputs_BxT, positions_BxT, cache: KVCache,
                        mask_BxTxT, return_hidden: tuple[int, ...]):
         """Layers n..L-1 only, from the exit states `propose` kept (LayerSkip's KV and exit-state reuse)."""
-        if any(0 < i <= self.exit_layer for i in return_hidden):
+        if any(0 <= i <= self.exit_layer for i in return_hidden):
             raise InvalidArgumentError(f"early_exit verifies from layer {self.exit_layer}: hidden states "
                                        f"{sorted(return_hidden)} of the early layers are not computed")
         return forward_embeddings(params, cfg, state["exit_hidden"], positions_BxT, cache, mask_BxTxT,

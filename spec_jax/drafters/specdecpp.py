@@ -33,11 +33,10 @@ import numpy as np
 from spec_jax.drafters import head_checkpoints as hc
 from spec_jax.drafters.base import PrefillContext, StepContext
 from spec_jax.drafters.chain import ChainDrafter, draft_chain
-from spec_jax.drafters.draft_model import DRAFT_OPTIONS, _DraftModelBase, check_draft, load_draft
+from spec_jax.drafters.draft_model import DRAFT_OPTIONS, _DraftModelBase, _model_params, check_draft, load_draft
 from spec_jax.drafters.registry import Built, Option, register
-from spec_jax.drafters.vocab import vocab_logits
 from spec_jax.errors import DataFormatError, InvalidArgumentError
-from spec_jax.models import Config, final_norm, forward, init_cache, lm_head
+from spec_jax.models import Config, final_norm, init_cache
 from spec_jax.policies import FixedLength, LengthPolicy
 
 HEAD_TYPE = "specdecpp"
@@ -187,18 +186,11 @@ class SpecDecPP(_DraftModelBase, ChainDrafter):
 
     def _feature_step(self, draft):
         """model_step returning the draft's logits, cache and final-normed hidden state of the last token."""
-        params = {k: v for k, v in draft.items() if k != "vocab"}
-        vocab = draft.get("vocab")
-
         def model_step(cache, tokens_BxT, positions_BxT):
-            out = forward(params, self.draft_cfg, tokens_BxT, positions_BxT,
-                          cache.replace(lengths=positions_BxT[:, 0]), compute_logits=False)
-            h_BxE = final_norm(params, self.draft_cfg, out.final_hidden[:, -1:])[:, 0]
-            if vocab is None:
-                return lm_head(params, self.draft_cfg, h_BxE), out.cache, h_BxE
-            # A reduced draft vocabulary: tokens outside it get the lowest logit, so they are never drafted.
-            full = jnp.full((h_BxE.shape[0], self.draft_cfg.vocab_size), jnp.finfo(jnp.float32).min, jnp.float32)
-            return full.at[:, vocab["d2t"]].set(vocab_logits(vocab, h_BxE)), out.cache, h_BxE
+            last = jnp.full((tokens_BxT.shape[0], 1), tokens_BxT.shape[1] - 1, jnp.int32)
+            logits, cache, h = self._forward_hidden(draft, tokens_BxT, positions_BxT,
+                                                    cache.replace(lengths=positions_BxT[:, 0]), logits_at=last)
+            return logits[:, 0], cache, final_norm(_model_params(draft), self.draft_cfg, h[:, 0])
         return model_step
 
     def propose(self, weights, state, ctx: StepContext):

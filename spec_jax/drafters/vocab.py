@@ -82,6 +82,13 @@ def vocab_logits(vocab: dict, normed_BxE: jax.Array) -> jax.Array:
     return jax.lax.dot_general(normed_BxE, head, (((normed_BxE.ndim - 1,), (1,)), ((), ()))).astype(jnp.float32)
 
 
+def full_vocab_logits(vocab: dict, logits_xVd: jax.Array, vocab_size: int) -> jax.Array:
+    """Reduced-vocabulary logits [..., Vd] spread over the full vocabulary [..., V]; every other token gets the
+    lowest float32 logit (probability 0 after softmax, never in a top-k), so drafting never picks one."""
+    full = jnp.full((*logits_xVd.shape[:-1], vocab_size), jnp.finfo(jnp.float32).min, jnp.float32)
+    return full.at[..., vocab["d2t"]].set(logits_xVd)
+
+
 def to_target_ids(vocab: dict | None, ids: jax.Array) -> jax.Array:
     """Draft-vocabulary indices -> target token ids (the identity for the full vocabulary)."""
     return ids if vocab is None else jnp.take(vocab["d2t"], ids, axis=0)

@@ -1,8 +1,8 @@
 """Draft-model distillation (DistillSpec, Zhou et al. 2024): a few decoder layers learn the target's
 next-token distributions.
 
-The draft has the target's width and tokenizer. Its layers start as copies of target layers
-(`init_layers`, the first and the last by default), and it shares the target's embeddings and LM head,
+The draft has the target's width and tokenizer. Its layers start as copies of target layers (`init_layers`;
+by default spread from the first to the last but one), and it shares the target's embeddings and LM head,
 which stay frozen and are not stored with it (`draft_model.save_draft`). It learns to match the target's
 distribution under a chosen divergence. DistillSpec found that the best one depends on the task and on the
 decoding strategy, so the divergence is a setting (`DIVERGENCES`).
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_jax.errors import DataFormatError, InvalidArgumentError
+from spec_jax.errors import InvalidArgumentError
 from spec_jax.models import Config, forward, head, init_cache
 
 DIVERGENCES = ("fkl", "rkl", "tv", "jsd")  # forward KL(p||q), reverse KL(q||p), total variation, Jensen-Shannon
@@ -127,19 +127,19 @@ def onpolicy_terms(params, target_params, dcfg: Config, cfg: Config, batch: dict
     return d, jnp.ones_like(d)
 
 
+def answer_starts(data, rows_R: np.ndarray) -> np.ndarray:
+    """[R] each row's prompt length (where its answer starts; 0 for a row without an answer)."""
+    mask = data.read(rows_R, ["loss_mask"])["loss_mask"].astype(bool)
+    return np.where(mask.any(1), np.argmax(mask, 1), 0)
+
+
 def onpolicy_rows(data, rows_R: np.ndarray, width: int, n: int, rng: np.random.Generator) -> dict:
-    """Prefixes for on-policy rows: each row cut at a random point from its answer's start to `n` tokens
-    before `width`, so the `n` sampled tokens fit ([R, width] tokens and [R] cut points)."""
-    a = data.read(rows_R, ["tokens", "loss_mask"])
-    tokens, mask = a["tokens"][:, :width].astype(np.int32), a["loss_mask"].astype(bool)
-    cut = np.zeros(len(rows_R), np.int32)
-    for r in range(len(rows_R)):
-        start = int(np.argmax(mask[r])) if mask[r].any() else -1
-        if not 0 < start <= width - n:
-            raise DataFormatError(f"{data.path}: row {int(rows_R[r])}'s prompt ({start} tokens) leaves no room for "
-                                  f"{n} on-policy tokens in {width}; raise onpolicy_width or lower onpolicy_tokens")
-        cut[r] = rng.integers(start, width - n + 1)
-    return {"op_tokens": tokens, "op_cut": cut}
+    """Prefixes for on-policy rows (each with room: its prompt ends at most `n` tokens before `width`): each
+    row cut at a random point from its answer's start on, so the `n` sampled tokens fit ([R, width] tokens and
+    [R] cut points)."""
+    tokens = data.read(rows_R, ["tokens"])["tokens"][:, :width].astype(np.int32)
+    start_R = answer_starts(data, rows_R)
+    return {"op_tokens": tokens, "op_cut": rng.integers(start_R, width - n + 1).astype(np.int32)}
 
 
 def agreement(params, target_params, dcfg: Config, cfg: Config, held_out: dict, k: int) -> dict:
@@ -182,21 +182,33 @@ def draft_parts(recipe, data, n_train: int, target, vocab):
         raise InvalidArgumentError(f"{recipe.data}: divergence: choose one of {', '.join(DIVERGENCES)}, got "
                                    f"{recipe.divergence!r}")
     layers = recipe.init_layers or default_init_layers(cfg, recipe.draft_layers)
+    if len(layers) != recipe.draft_layers:
+        raise InvalidArgumentError(f"{recipe.data}: init_layers {list(layers)} name {len(layers)} layers but "
+                                   f"draft_layers is {recipe.draft_layers}; make them agree")
     own, dcfg = init_draft(target.params, cfg, layers)
     hidden = f"hidden_{cfg.num_layers}"
     n_op, width = recipe.onpolicy_rows, min(recipe.onpolicy_width, data.seq_len)
     if n_op > recipe.train.batch_size:
-        raise InvalidArgumentError(f"onpolicy_rows {n_op} > batch_size {recipe.train.batch_size}: on-policy rows are "
-                                   "taken from each batch's rows")
+        raise InvalidArgumentError(f"onpolicy_rows {n_op} > batch_size {recipe.train.batch_size}: the on-policy rows "
+                                   "travel in each batch's rows")
+    roomy = np.arange(n_train)  # rows whose prompt leaves room for the sampled tokens
+    if n_op:
+        roomy = roomy[(answer_starts(data, roomy) > 0) & (answer_starts(data, roomy) <= width - recipe.onpolicy_tokens)]
+        if roomy.size < n_op:
+            raise InvalidArgumentError(f"{recipe.data}: only {roomy.size} training rows have a prompt short enough to "
+                                       f"sample {recipe.onpolicy_tokens} on-policy tokens within {width}; raise "
+                                       "onpolicy_width or lower onpolicy_tokens")
 
     def batches(step, *, seed, batch_size):
         rows = data.batch_rows(step, batch_size, seed, limit=n_train)
         rng = np.random.default_rng([seed, step])
         b = row_batch(data, rows, [hidden], recipe.starts_per_row, rng)
         b = {"hidden": b.pop(hidden), **b}
-        if n_op:  # the first n_op rows of the batch also give on-policy prefixes (padded to the batch's rows)
-            op = onpolicy_rows(data, rows, width, recipe.onpolicy_tokens, rng)
-            b |= {k: v for k, v in op.items()}
+        if n_op:  # n_op on-policy prefixes, padded to the batch's rows (the loop splits every array by rows)
+            op = onpolicy_rows(data, rng.choice(roomy, n_op, replace=False), width, recipe.onpolicy_tokens, rng)
+            b["op_tokens"] = np.zeros((batch_size, width), np.int32)
+            b["op_cut"] = np.full(batch_size, width - recipe.onpolicy_tokens, np.int32)
+            b["op_tokens"][:n_op], b["op_cut"][:n_op] = op["op_tokens"], op["op_cut"]
             b["op_mask"] = np.arange(batch_size) < n_op
         return b
 

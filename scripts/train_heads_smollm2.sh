@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every trained draft for the embedded SmolLM2-135M-Instruct, from scratch, one job after another (each
+# Every trained drafter for the embedded SmolLM2-135M-Instruct, from scratch, one job after another (each
 # resumes where it stopped when the script is run again):
 #   bash scripts/train_heads_smollm2.sh
 # The shared self-distillation data, then the Hydra++ heads (shipped: spec_jax/heads/hydra_smollm2), the
@@ -28,3 +28,18 @@ for name in hydra eagle; do  # the data manifest and the training curve travel w
   cp results/data_smollm2/manifest.json "spec_jax/heads/${name}_smollm2/data_manifest.json"
 done
 cp results/train_hydra_smollm2/{metrics.jsonl,loss.png} spec_jax/heads/hydra_smollm2/
+# Issue 13's trained drafters, on the same data: the distilled draft model (its recipe writes straight to
+# spec_jax/heads/draft_smollm2), the early-exit adapters, the SpecDec++ acceptance head (for that draft) and
+# the AdaEAGLE draft-structure predictors (for the shipped EAGLE and the distilled draft).
+for recipe in draft early_exit specdecpp; do
+  python train/train_heads.py --config "configs/${recipe}_smollm2.yaml"
+  cp "results/train_${recipe}_smollm2/"{metrics.jsonl,loss.png} "spec_jax/heads/${recipe}_smollm2/"
+  cp results/data_smollm2/manifest.json "spec_jax/heads/${recipe}_smollm2/data_manifest.json"
+done
+for method in eagle draft; do
+  python train/train_heads.py --config "configs/structure_${method}_smollm2.yaml"
+  rm -rf "spec_jax/heads/structure_${method}_smollm2"
+  cp -r "results/heads/structure_${method}_smollm2" spec_jax/heads/
+  cp "results/train_structure_${method}_smollm2/"{metrics.jsonl,loss.png} "spec_jax/heads/structure_${method}_smollm2/"
+  cp results/data_smollm2/manifest.json "spec_jax/heads/structure_${method}_smollm2/data_manifest.json"
+done

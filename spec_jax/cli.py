@@ -184,7 +184,7 @@ def cmd_search_exit(args) -> int:
     cfg = check_model(args.model, args.dtype)
     heads = ee.head_dir(args, cfg)
     config = ee.read_exit_config(heads, cfg) if heads is not None else {}
-    exits = _exit_list(args.exits) or config.get("exit_layers") or list(range(2, cfg.num_layers, 2))
+    exits = _exit_list(args.exits) or config.get("exit_layers") or list(range(2, cfg.num_layers, 2)) or [1]
     for n in exits:
         ee.check_exit_layer(n, cfg, "--exits")
     dv.check_option(args.draft_vocab, cfg, heads)

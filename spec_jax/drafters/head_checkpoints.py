@@ -32,7 +32,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
 RANKING_FILE = "token_ranking.npy"
 MODEL_FIELDS = ("hidden_size", "vocab_size", "num_layers")  # what a checkpoint must share with the target
-HEAD_TYPES = ("medusa", "hydra", "eagle")  # the head families, each a method of that name
+# The trained families, each used by the method of that name (a draft-structure predictor by eagle / draft_tree).
+HEAD_TYPES = ("medusa", "hydra", "eagle", "draft", "early_exit", "specdecpp", "structure")
 SHIPPED = Path(__file__).resolve().parents[1] / "heads"  # spec_jax/heads/<type>_<model>/: shipped with spec-jax
 
 
@@ -104,7 +105,9 @@ def read_heads_config(path: str | os.PathLike, cfg: Config, head_type: str,
         raise DataFormatError(f"{file}: not a draft-heads config ({e!r}); expected a JSON object with head_type "
                               f"and {', '.join(MODEL_FIELDS)}") from None
     if found != head_type:
-        hint = (f"; use --method {found} for them" if found in HEAD_TYPES else
+        use = {"draft": "--method draft --draft-model DIR", "structure": "--structure-head DIR (eagle, draft_tree)",
+               "specdecpp": "--method specdecpp --acceptance-head DIR"}.get(found, f"--method {found}")
+        hint = (f"; use {use} for them" if found in HEAD_TYPES else
                 f" (not a head type spec-jax knows: {', '.join(HEAD_TYPES)})")
         raise DataFormatError(f"{file}: head_type is {found!r}, this method needs {head_type!r} heads{hint}")
     for field in MODEL_FIELDS:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -248,6 +249,8 @@ def build(opts, target) -> Built:
     if opts.acceptance_head is not None or (trained and all(trained.get(k) == v for k, v in identity.items())):
         head, _ = load_acceptance_head(path, target.cfg, identity, mesh=target.mesh)
     else:  # no head for this draft: an untrained one, as other trained methods fall back to untrained weights
+        print("spec-jax: warning: no acceptance head trained for this draft model (give --acceptance-head, or train "
+              "one with recipe: specdecpp); its stop points are arbitrary (decoding stays lossless)", file=sys.stderr)
         head = hc.place(jax.tree.map(np.asarray, init_head(dcfg.hidden_size, 3, jax.random.key(0))), target.mesh)
     drafter = SpecDecPP(draft_cfg=dcfg, policy=FixedLength(opts.max_k), threshold=opts.stop_threshold,
                         min_k=opts.min_k)

@@ -179,6 +179,9 @@ def specdecpp_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
                                    "draft's acceptance)")
     if recipe.acc_min_k > recipe.acc_max_k:
         raise InvalidArgumentError(f"recipe specdecpp: acc_min_k {recipe.acc_min_k} > acc_max_k {recipe.acc_max_k}")
+    if not 0 < recipe.acc_threshold < 1:
+        raise InvalidArgumentError(f"recipe specdecpp: acc_threshold {recipe.acc_threshold} must be strictly between "
+                                   "0 and 1 (the stop rule's probability that some draft is rejected)")
     _need_layers(data, [cfg.num_layers], recipe, "the target's last layer, for its distribution")
     opts = draft_options(recipe)
     check_draft(opts, cfg)

@@ -34,6 +34,41 @@ def tiny_hf_dir(tmp_path_factory):
     return export_hf(params, cfg, tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=tok)
 
 
+RECIPE_PROMPTS = ["Name three colours.", "What is two plus two?", "Write a haiku about rain.", "Say hello in French.",
+                  "List the days of the week.", "Why is the sky blue?", "Count to five.", "What is a noun?"]
+
+
+def make_recipe_data(out_dir, model_dir, target, hidden_layers):
+    """A tiny self-distillation store (what the training recipes read): RECIPE_PROMPTS answered by `target`, 16 new
+    tokens each, with the hidden states of `hidden_layers`; returns its directory."""
+    import json
+
+    from spec_jax.training import data as D
+
+    prompts = out_dir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in RECIPE_PROMPTS), encoding="utf-8")
+    job = D.DataJob(out=str(out_dir / "data"), model=str(model_dir), prompts=str(prompts), num_prompts=8,
+                    max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
+                    hidden_layers=tuple(hidden_layers), seed=0)
+    D.make_data(job, target=target, progress=False)
+    return out_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_hf_dir):
+    """The tiny HF model loaded as a decoding target (tokenizer, params, config)."""
+    from spec_jax.decoding.setup import load_target
+
+    return load_target(tiny_hf_dir, "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_data(tmp_path_factory, tiny_hf_dir, tiny_target):
+    """The tiny model's self-distillation store, with the hidden states of layers 1 and 2 (its last)."""
+    return make_recipe_data(tmp_path_factory.mktemp("recipe"), tiny_hf_dir, tiny_target,
+                            (1, tiny_target.cfg.num_layers))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop JAX's compiled programs and traced constants after each test module: the suite compiles hundreds

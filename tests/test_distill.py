@@ -9,11 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RECIPE_PROMPTS, make_recipe_data
 
 from spec_jax.errors import DataFormatError, InvalidArgumentError, TokenizerMismatchError
-
-PROMPTS = ["Name three colours.", "What is two plus two?", "Write a haiku about rain.", "Say hello in French.",
-           "List the days of the week.", "Why is the sky blue?", "Count to five.", "What is a noun?"]
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "tv", "jsd"])
@@ -62,16 +60,7 @@ def target(sharp_hf_dir):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, sharp_hf_dir, target):
-    from spec_jax.training import data as D
-
-    tmp = tmp_path_factory.mktemp("distill")
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
-    job = D.DataJob(out=str(tmp / "data"), model=str(sharp_hf_dir), prompts=str(prompts), num_prompts=8,
-                    max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
-                    hidden_layers=(target.cfg.num_layers,), seed=0)
-    D.make_data(job, target=target, progress=False)
-    return tmp / "data"
+    return make_recipe_data(tmp_path_factory.mktemp("distill"), sharp_hf_dir, target, (target.cfg.num_layers,))
 
 
 def _recipe(tmp_path, data_dir, **extra):
@@ -103,8 +92,8 @@ def test_draft_recipe_trains_saves_and_decodes(kind, onpolicy, tmp_path, data_di
     assert len(saved["tokenizer_sha256"]) == 64 and saved["recipe"]["divergence"] == kind
     # The saved draft decodes through the CLI, greedy-exact against AR, as a chain and as a tree.
     out = []
-    common = ["generate", "--model", str(sharp_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--json",
-              "--no-phase-timing"]
+    common = ["generate", "--model", str(sharp_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
+              "--json", "--no-phase-timing"]
     for flags in ([], ["--method", "draft", "--draft-model", str(tmp_path / "draft"), "--draft-k", "3"],
                   ["--method", "draft_tree", "--draft-model", str(tmp_path / "draft")],
                   ["--method", "draft", "--draft-model", str(tmp_path / "draft"), "--draft-vocab", "300"]):
@@ -118,7 +107,7 @@ def test_draft_recipe_trains_saves_and_decodes(kind, onpolicy, tmp_path, data_di
     from spec_jax.drafters.registry import options_for
     from spec_jax.policies import make_policy
 
-    prompts = [target.tokenizer.encode(p) for p in PROMPTS[:3]]
+    prompts = [target.tokenizer.encode(p) for p in RECIPE_PROMPTS[:3]]
     weights, dcfg = load_draft(options_for("draft", {"draft_model": str(tmp_path / "draft")}), target)
     ar = generate(Engine(target.cfg), target.params, prompts, 12)
     spec = generate(Engine(target.cfg, DraftModel(draft_cfg=dcfg, policy=make_policy("heuristic", 4))),

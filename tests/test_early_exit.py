@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RECIPE_PROMPTS
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import registry
@@ -142,29 +143,14 @@ def test_adapters_for_another_model_are_refused(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- the recipe
 
-PROMPTS = ["Name three colours.", "What is two plus two?", "Write a haiku about rain.", "Say hello in French.",
-           "List the days of the week.", "Why is the sky blue?", "Count to five.", "What is a noun?"]
+@pytest.fixture(scope="module")
+def target(tiny_target):
+    return tiny_target
 
 
 @pytest.fixture(scope="module")
-def target(tiny_hf_dir):
-    from spec_jax.decoding.setup import load_target
-
-    return load_target(tiny_hf_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_hf_dir, target):
-    from spec_jax.training import data as D
-
-    tmp = tmp_path_factory.mktemp("exit_recipe")
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
-    job = D.DataJob(out=str(tmp / "data"), model=str(tiny_hf_dir), prompts=str(prompts), num_prompts=8,
-                    max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
-                    hidden_layers=(target.cfg.num_layers,), seed=0)
-    D.make_data(job, target=target, progress=False)
-    return tmp / "data"
+def data_dir(tiny_recipe_data):
+    return tiny_recipe_data
 
 
 def _recipe(tmp_path, data_dir, curriculum="none", **train):
@@ -191,7 +177,7 @@ def test_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, tiny_hf_dir
     assert saved["head_type"] == "early_exit" and saved["exit_layers"] == [1] and saved["default_exit"] == 1
     out = []
     for flags in ([], ["--method", "early_exit", "--exit-head", str(tmp_path / "exits")]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         out.append(json.loads(capsys.readouterr().out))
     assert out[1]["token_ids"] == out[0]["token_ids"]
@@ -235,11 +221,11 @@ def test_curricula_and_loss_scales():
     assert enabled_exits("gradual", 4, 0, 10, 2).tolist() == [False, False, False, True]
     assert enabled_exits("gradual", 4, 3, 10, 2).tolist() == [False, False, True, True]  # 0.6 >= 2/4
     assert enabled_exits("gradual", 4, 5, 10, 2).tolist() == [True] * 4
-    # LayerSkip's sum_l: exits after 4, 8, 12 layers weigh 0+1+2+3 = 6, 28 and 66; the middle one off.
+    # LayerSkip's sum_l: exits after 4, 8, 12 layers weigh 1+2+3+4 = 10, 36 and 78; the middle one off.
     np.testing.assert_allclose(loss_scales(jnp.array([4, 8, 12]), jnp.array([True, False, True])),
-                               [6 / 72, 0.0, 66 / 72], rtol=1e-6)
+                               [10 / 88, 0.0, 78 / 88], rtol=1e-6)
     np.testing.assert_allclose(loss_scales(jnp.array([4, 8, 12]), jnp.array([True, True, True])),
-                               [6 / 100, 28 / 100, 66 / 100], rtol=1e-6)
+                               [10 / 124, 36 / 124, 78 / 124], rtol=1e-6)
 
 
 def test_search_exit_writes_a_choice_that_generate_reads(tiny_hf_dir, tmp_path, capsys):
@@ -254,7 +240,7 @@ def test_search_exit_writes_a_choice_that_generate_reads(tiny_hf_dir, tmp_path, 
     capsys.readouterr()
     runs = []
     for flags in ([], ["--method", "early_exit", "--exit-file", str(out)]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[1], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[1]["token_ids"] == runs[0]["token_ids"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RECIPE_PROMPTS
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import specdecpp as sd
@@ -168,29 +169,14 @@ def test_thompson_draft_model_greedy_exact(tiny, prompts):
 
 # ----------------------------------------------------------------------------- the recipe
 
-PROMPTS = ["Name three colours.", "What is two plus two?", "Write a haiku about rain.", "Say hello in French.",
-           "List the days of the week.", "Why is the sky blue?", "Count to five.", "What is a noun?"]
+@pytest.fixture(scope="module")
+def target(tiny_target):
+    return tiny_target
 
 
 @pytest.fixture(scope="module")
-def target(tiny_hf_dir):
-    from spec_jax.decoding.setup import load_target
-
-    return load_target(tiny_hf_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_hf_dir, target):
-    from spec_jax.training import data as D
-
-    tmp = tmp_path_factory.mktemp("specdecpp")
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
-    job = D.DataJob(out=str(tmp / "data"), model=str(tiny_hf_dir), prompts=str(prompts), num_prompts=8,
-                    max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
-                    hidden_layers=(target.cfg.num_layers,), seed=0)
-    D.make_data(job, target=target, progress=False)
-    return tmp / "data"
+def data_dir(tiny_recipe_data):
+    return tiny_recipe_data
 
 
 def _recipe(tmp_path, data_dir, name="run", **over):
@@ -220,7 +206,7 @@ def test_specdecpp_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, t
     out = []
     for flags in ([], ["--method", "specdecpp", "--acceptance-head", str(tmp_path / "head"), "--draft-layers", "1",
                        "--max-k", "4"]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         out.append(json.loads(capsys.readouterr().out))
     assert out[1]["token_ids"] == out[0]["token_ids"]

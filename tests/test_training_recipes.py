@@ -4,32 +4,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import RECIPE_PROMPTS
 
 from spec_jax.errors import InvalidArgumentError
 
-PROMPTS = ["Name three colours.", "What is two plus two?", "Write a haiku about rain.", "Say hello in French.",
-           "List the days of the week.", "Why is the sky blue?", "Count to five.", "What is a noun?"]
+
+@pytest.fixture(scope="module")
+def target(tiny_target):
+    return tiny_target
 
 
 @pytest.fixture(scope="module")
-def target(tiny_hf_dir):
-    from spec_jax.decoding.setup import load_target
-
-    return load_target(tiny_hf_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_hf_dir, target):
-    from spec_jax.training import data as D
-
-    tmp = tmp_path_factory.mktemp("recipe")
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
-    job = D.DataJob(out=str(tmp / "data"), model=str(tiny_hf_dir), prompts=str(prompts), num_prompts=8,
-                    max_prompt_tokens=48, max_new_tokens=16, batch_size=4, shard_size=4,
-                    hidden_layers=(1, target.cfg.num_layers), seed=0)
-    D.make_data(job, target=target, progress=False)
-    return tmp / "data"
+def data_dir(tiny_recipe_data):
+    return tiny_recipe_data
 
 
 def _recipe(tmp_path, data_dir, **train):
@@ -61,7 +48,7 @@ def test_medusa_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, tiny
     # The saved heads decode through the CLI, greedy-exact against AR.
     out = []
     for flags in ([], ["--method", "medusa", "--heads", str(tmp_path / "heads"), "--medusa-tree", "chain"]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         out.append(json.loads(capsys.readouterr().out))
     assert out[1]["token_ids"] == out[0]["token_ids"]
@@ -110,7 +97,7 @@ def test_hydra_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, tiny_
     assert saved["head_type"] == "hydra" and saved["prefix_layer"] is True and saved["metrics"]["real_tau"] >= 1.0
     out = []
     for flags in ([], ["--method", "hydra", "--heads", str(tmp_path / "hydra"), "--hydra-tree", "chain"]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         out.append(json.loads(capsys.readouterr().out))
     assert out[1]["token_ids"] == out[0]["token_ids"]
@@ -139,7 +126,7 @@ def test_eagle_recipe_trains_saves_and_decodes(layers, vocab, tmp_path, data_dir
     assert (tmp_path / "eagle" / "token_ranking.npy").is_file()
     out = []
     for flags in ([], ["--method", "eagle", "--heads", str(tmp_path / "eagle"), "--draft-vocab", str(vocab)]):
-        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+        assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", RECIPE_PROMPTS[0], "--max-new-tokens", "12",
                      "--json", "--no-phase-timing", *flags]) == 0
         out.append(json.loads(capsys.readouterr().out))
     assert out[1]["token_ids"] == out[0]["token_ids"]

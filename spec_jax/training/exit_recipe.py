@@ -64,11 +64,12 @@ def enabled_exits(curriculum: str, num_exits: int, step: int, total_steps: int, 
 
 
 def loss_scales(exit_layers_S: jax.Array, on_S: jax.Array) -> jax.Array:
-    """LayerSkip's "sum_l" scales of the enabled slots: the exit after layer index l (0-based, n = l + 1 layers) is
-    weighted sum_{i<=l} i = n (n - 1) / 2, a fixed weight per exit whatever else is on; the enabled ones are
+    """LayerSkip's "sum_l" scales of the enabled slots: the exit after n layers is weighted 1 + 2 + ... + n =
+    n (n + 1) / 2, a fixed weight per exit whatever else is on (LayerSkip counts layers from 0, which gives the
+    first layer's exit weight 0; counting from 1 keeps an exit after layer 1 trainable); the enabled ones are
     normalised to sum 1, disabled slots get 0 (facebookresearch/LayerSkip, early_exit_loss_scale_type sum_l)."""
     n_S = exit_layers_S.astype(jnp.float32)
-    scale_S = jnp.where(on_S, n_S * (n_S - 1) / 2, 0.0)
+    scale_S = jnp.where(on_S, n_S * (n_S + 1) / 2, 0.0)
     return scale_S / jnp.maximum(jnp.sum(scale_S), 1e-9)
 
 

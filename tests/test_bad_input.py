@@ -132,7 +132,7 @@ GENERATE = [
     (["--method", "draft", "--draft-model", "/nonexistent/draft"], r"model '/nonexistent/draft' not found"),
     (["--method", "draft", "--draft-model", "{bigtok}"], r"--draft-model .*bigtok: its vocabulary has 1000 tokens"),
     (["--method", "draft", "--length-policy", "nope"],
-     r"--length-policy: must be one of fixed, heuristic, svip, got 'nope'"),
+     r"--length-policy: must be one of fixed, heuristic, svip, thompson, got 'nope'"),
     (["--method", "token_recycling", "--tr-levels", "4,x"], r"--tr-levels takes comma-separated positive integers"),
     (["--method", "token_recycling", "--tr-levels", "4,0"], r"--tr-levels takes comma-separated positive integers"),
     (["--method", "token_recycling", "--tr-k", "0"], r"--tr-k: must be an integer >= 1"),

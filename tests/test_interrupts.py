@@ -180,3 +180,34 @@ def test_bench_keeps_the_summary_of_finished_methods(tiny_hf_dir, tmp_path):
     assert np.load(matrix).any()  # --tr-matrix: what Token Recycling learned is saved after its run
     assert len((out_dir / "ar.jsonl").read_text().splitlines()) == 1
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_signal_inside_a_gc_callback_still_stops_the_command(capsys):
+    """Python swallows an exception raised in a garbage-collector callback (JAX installs one) and prints it
+    as 'Exception ignored'; the interrupt must still end the command, with its one line and no traceback."""
+    import gc
+
+    from spec_jax.interrupts import run_command
+
+    def raise_signal_in_callback(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(raise_signal_in_callback)
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(100):  # the handler runs here, inside the callback
+                pass
+
+    def body():
+        gc.callbacks.append(raise_signal_in_callback)
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+
+    try:
+        assert run_command(body) == 128 + signal.SIGTERM
+    finally:
+        if raise_signal_in_callback in gc.callbacks:
+            gc.callbacks.remove(raise_signal_in_callback)
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err and "Exception ignored" not in err

@@ -78,3 +78,48 @@ def _free_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def target(tiny_target):
+    """The recipe tests' target: the tiny HF model (a module defining its own `target` overrides this)."""
+    return tiny_target
+
+
+@pytest.fixture(scope="session")
+def data_dir(tiny_recipe_data):
+    """The recipe tests' self-distillation store (a module defining its own `data_dir` overrides this)."""
+    return tiny_recipe_data
+
+
+class _Stop(Exception):
+    pass
+
+
+def assert_resume_exact(parts_for, run_dir, stop_at, resumed_from, after_cut=lambda: None):
+    """A training run interrupted at step `stop_at` and started again (parts built anew, as a restarted process
+    would) resumes from its checkpoint at `resumed_from` and ends with the parameters and losses of a run never
+    stopped. `parts_for(name)` gives (recipe, parts) for a run whose files lie in `run_dir(name)`; `after_cut`
+    checks what the interrupted run left."""
+    from spec_jax.training import read_records
+    from spec_jax.training.loop import train
+
+    results = {}
+    for name in ("whole", "cut"):
+        recipe, parts = parts_for(name)
+        if name == "cut":
+            def stopping(step, batches=parts.batches, **kw):
+                if step == stop_at:
+                    raise _Stop
+                return batches(step, **kw)
+            with pytest.raises(_Stop):
+                train(recipe.train, parts.loss_fn, parts.params, parts.frozen, stopping, progress=False)
+            after_cut()
+            recipe, parts = parts_for(name)
+        results[name] = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
+    assert results["cut"].resumed_from == resumed_from
+    for a, b in zip(jax.tree.leaves(results["cut"].params), jax.tree.leaves(results["whole"].params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    losses = {n: {r["step"]: r["loss"] for r in read_records(run_dir(n) / "metrics.jsonl") if "loss" in r}
+              for n in results}
+    assert losses["cut"] == losses["whole"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RECIPE_PROMPTS, make_recipe_data
+from conftest import RECIPE_PROMPTS, assert_resume_exact, make_recipe_data
 
 from spec_jax.errors import DataFormatError, InvalidArgumentError, TokenizerMismatchError
 
@@ -115,33 +115,19 @@ def test_draft_recipe_trains_saves_and_decodes(kind, onpolicy, tmp_path, data_di
     assert spec.token_ids == ar.token_ids
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_draft_recipe_resumes_exactly(tmp_path, data_dir, target):
     """Interrupted after its step-6 checkpoint and started again, an on-policy run (its sampling keys come from
     the loop's RNG) ends with the parameters of a run never stopped."""
     from spec_jax.training.data import TrainingData
     from spec_jax.training.distill import draft_parts
-    from spec_jax.training.loop import train
 
     data = TrainingData(data_dir)
-    results = {}
-    for name in ("whole", "cut"):
+
+    def parts_for(name):
         recipe = _recipe(tmp_path / name, data_dir, onpolicy_rows=1)
-        parts = draft_parts(recipe, data, len(data) - 2, target, None)
-        if name == "cut":
-            def stopping(step, batches=parts.batches, **kw):
-                if step == 8:
-                    raise _Stop
-                return batches(step, **kw)
-            with pytest.raises(_Stop):
-                train(recipe.train, parts.loss_fn, parts.params, parts.frozen, stopping, progress=False)
-        results[name] = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
-    assert results["cut"].resumed_from == 6
-    for a, b in zip(jax.tree.leaves(results["cut"].params), jax.tree.leaves(results["whole"].params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return recipe, draft_parts(recipe, data, len(data) - 2, target, None)
+
+    assert_resume_exact(parts_for, lambda name: tmp_path / name / "run", stop_at=8, resumed_from=6)
 
 
 @pytest.fixture(scope="module")

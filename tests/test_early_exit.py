@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RECIPE_PROMPTS
+from conftest import RECIPE_PROMPTS, assert_resume_exact
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import registry
@@ -143,16 +143,6 @@ def test_adapters_for_another_model_are_refused(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- the recipe
 
-@pytest.fixture(scope="module")
-def target(tiny_target):
-    return tiny_target
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_recipe_data):
-    return tiny_recipe_data
-
-
 def _recipe(tmp_path, data_dir, curriculum="none", **train):
     from spec_jax.training.recipes import Recipe
 
@@ -183,34 +173,20 @@ def test_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, tiny_hf_dir
     assert out[1]["token_ids"] == out[0]["token_ids"]
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("curriculum", ["rotational", "gradual"])
 def test_recipe_resume_is_exact(curriculum, tmp_path, data_dir, target):
     """A run interrupted after its step-6 checkpoint and started again ends with the parameters of a run never
     stopped (the curriculum is a function of the step, the batches too)."""
     from spec_jax.training.data import TrainingData
     from spec_jax.training.exit_recipe import exit_parts
-    from spec_jax.training.loop import train
 
     data = TrainingData(data_dir)
-    results = {}
-    for name in ("whole", "cut"):
+
+    def parts_for(name):
         recipe = _recipe(tmp_path / name, data_dir, curriculum)
-        parts = exit_parts(recipe, data, len(data) - 2, target, None)
-        if name == "cut":
-            def stopping(step, batches=parts.batches, **kw):
-                if step == 8:
-                    raise _Stop
-                return batches(step, **kw)
-            with pytest.raises(_Stop):
-                train(recipe.train, parts.loss_fn, parts.params, parts.frozen, stopping, progress=False)
-        results[name] = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
-    assert results["cut"].resumed_from == 6
-    for a, b in zip(jax.tree.leaves(results["cut"].params), jax.tree.leaves(results["whole"].params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return recipe, exit_parts(recipe, data, len(data) - 2, target, None)
+
+    assert_resume_exact(parts_for, lambda name: tmp_path / name / "run", stop_at=8, resumed_from=6)
 
 
 def test_curricula_and_loss_scales():

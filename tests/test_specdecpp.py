@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RECIPE_PROMPTS
+from conftest import RECIPE_PROMPTS, assert_resume_exact
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import specdecpp as sd
@@ -169,16 +169,6 @@ def test_thompson_draft_model_greedy_exact(tiny, prompts):
 
 # ----------------------------------------------------------------------------- the recipe
 
-@pytest.fixture(scope="module")
-def target(tiny_target):
-    return tiny_target
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_recipe_data):
-    return tiny_recipe_data
-
-
 def _recipe(tmp_path, data_dir, name="run", **over):
     from spec_jax.training.recipes import Recipe
 
@@ -232,36 +222,18 @@ def test_specdecpp_recipe_trains_saves_and_decodes(tmp_path, data_dir, target, t
         registry.validate("specdecpp", {"acceptance_head": str(medusa_like), "draft_layers": 1}, target.cfg)
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_specdecpp_recipe_resumes_exactly(tmp_path, data_dir, target):
     """A run interrupted after its step-4 checkpoint and started again ends with the parameters and losses of
     a run never stopped (the examples come back from the cache, the batches from the step)."""
-    from spec_jax.training import read_records
     from spec_jax.training.acceptance_recipe import specdecpp_parts
     from spec_jax.training.data import TrainingData
-    from spec_jax.training.loop import train
 
     data = TrainingData(data_dir)
-    results = {}
-    for name in ("whole", "cut"):
+
+    def parts_for(name):
         recipe = _recipe(tmp_path, data_dir, name=name)
-        parts = specdecpp_parts(recipe, data, len(data) - 2, target, None)
-        if name == "cut":
-            def stopping(step, batches=parts.batches, **kw):
-                if step == 6:
-                    raise _Stop
-                return batches(step, **kw)
-            with pytest.raises(_Stop):
-                train(recipe.train, parts.loss_fn, parts.params, parts.frozen, stopping, progress=False)
-            assert (tmp_path / "cut" / "acceptance_data.npz").is_file()
-            parts = specdecpp_parts(recipe, data, len(data) - 2, target, None)
-        results[name] = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
-    assert results["cut"].resumed_from == 4
-    for a, b in zip(jax.tree.leaves(results["cut"].params), jax.tree.leaves(results["whole"].params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    losses = {n: [(r["step"], r["loss"]) for r in read_records(tmp_path / n / "metrics.jsonl") if "loss" in r]
-              for n in results}
-    assert dict(losses["cut"]) == dict(losses["whole"])
+        return recipe, specdecpp_parts(recipe, data, len(data) - 2, target, None)
+
+    assert_resume_exact(parts_for, lambda name: tmp_path / name, stop_at=6, resumed_from=4,
+                        after_cut=lambda: (tmp_path / "cut" / "acceptance_data.npz").is_file() or pytest.fail(
+                            "the interrupted run did not keep its acceptance examples"))

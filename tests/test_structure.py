@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RECIPE_PROMPTS
+from conftest import RECIPE_PROMPTS, assert_resume_exact
 
 from spec_jax.decoding import Engine, generate
 from spec_jax.drafters import structure as st
@@ -160,6 +160,18 @@ def test_greedy_exact_with_a_predictor_batched_and_single(method, tiny, prompts)
         engine.drafter.check(cfg, {**weights, st.HEAD_TYPE: _constant(9, 1.0)}, None)
 
 
+def test_a_drafter_fingerprint_is_the_same_in_float32_and_bfloat16():
+    """A predictor shipped for a draft is found whichever dtype the draft loads in (GPU and TPU users load
+    bfloat16), and a different draft gives another fingerprint."""
+    from spec_jax.drafters.head_checkpoints import weights_fingerprint
+
+    w32 = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (64, 300))}, "norm": jnp.ones(64)}
+    w16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), w32)
+    assert weights_fingerprint(w32) == weights_fingerprint(w16)
+    other = {**w32, "layer": {"kernel": w32["layer"]["kernel"].at[0, 0].add(1.0)}}
+    assert weights_fingerprint(other) != weights_fingerprint(w32)
+
+
 def test_checkpoints_record_their_draft_and_refuse_another(tiny, tmp_path):
     from spec_jax.drafters.registry import Target, build
 
@@ -193,16 +205,6 @@ def test_checkpoints_record_their_draft_and_refuse_another(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the recipe on a tiny model
-
-@pytest.fixture(scope="module")
-def target(tiny_target):
-    return tiny_target
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_recipe_data):
-    return tiny_recipe_data
-
 
 def _recipe(tmp_path, data_dir, method, draft, **train):
     from spec_jax.training.recipes import Recipe
@@ -249,28 +251,14 @@ def test_recipe_learns_saves_and_decodes(method, tmp_path, data_dir, target, tin
 
 
 def test_recipe_resumes_exactly(tmp_path, data_dir, target):
-    from spec_jax.training.loop import train
+    from spec_jax.training.data import TrainingData
     from spec_jax.training.structure_recipe import structure_parts
 
-    def parts_for(run):
-        from spec_jax.training.data import TrainingData
+    data = TrainingData(data_dir)
+    draft = _draft(tmp_path, target, "draft_tree")
 
-        recipe = _recipe(tmp_path / run, data_dir, "draft_tree", _draft(tmp_path, target, "draft_tree"))
-        data = TrainingData(recipe.data)
+    def parts_for(name):
+        recipe = _recipe(tmp_path / name, data_dir, "draft_tree", draft)
         return recipe, structure_parts(recipe, data, len(data) - recipe.eval_rows, target, None)
 
-    recipe, parts = parts_for("straight")
-    straight = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
-    recipe, parts = parts_for("stopped")
-
-    def stopping(step, **kw):
-        if step == 8:
-            raise KeyboardInterrupt
-        return parts.batches(step, **kw)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe.train, parts.loss_fn, parts.params, parts.frozen, stopping, progress=False)
-    resumed = train(recipe.train, parts.loss_fn, parts.params, parts.frozen, parts.batches, progress=False)
-    assert resumed.resumed_from == 6
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed.params,
-                 straight.params)
+    assert_resume_exact(parts_for, lambda name: tmp_path / name / "run", stop_at=8, resumed_from=6)

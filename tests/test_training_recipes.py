@@ -9,16 +9,6 @@ from conftest import RECIPE_PROMPTS
 from spec_jax.errors import InvalidArgumentError
 
 
-@pytest.fixture(scope="module")
-def target(tiny_target):
-    return tiny_target
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_recipe_data):
-    return tiny_recipe_data
-
-
 def _recipe(tmp_path, data_dir, **train):
     from spec_jax.training.recipes import Recipe
 

@@ -341,13 +341,8 @@ def head_dir(opts, cfg: Config) -> Path | None:
     """`--exit-head` (a directory, or 'none'), else the shipped adapters for this model, else None."""
     if opts.exit_head == "none":
         return None
-    if opts.exit_head is None:
-        return hc.shipped_heads(cfg, HEAD_TYPE)
-    path = Path(opts.exit_head)
-    if not path.is_dir():
-        raise InvalidArgumentError(f"--exit-head {opts.exit_head}: {'not a' if path.exists() else 'no such'} "
-                                   "directory; give trained early-exit adapters or 'none'")
-    return path
+    path = hc.given_dir(opts.exit_head, "--exit-head", "trained early-exit adapters or 'none'")
+    return path if path is not None else hc.shipped_heads(cfg, HEAD_TYPE)
 
 
 def settings(opts, cfg: Config) -> tuple[int, int, Path | None]:

@@ -15,12 +15,14 @@ clear error, never a shape error deep inside a jitted step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from spec_jax.errors import CheckpointError, DataFormatError, InvalidArgumentError
@@ -167,13 +169,32 @@ def shipped_heads(cfg: Config, head_type: str) -> Path | None:
     return None
 
 
+def given_dir(value: str | None, flag: str, what: str) -> Path | None:
+    """A directory option's value as a path (None when not given), refused with one clear error unless it
+    is a directory; `what` says what to give instead."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise InvalidArgumentError(f"{flag} {value}: {'not a' if path.exists() else 'no such'} directory; "
+                                   f"give {what}")
+    return path
+
+
 def heads_path(opts, cfg: Config, head_type: str, flag: str = "--heads") -> Path | None:
     """`--heads` checked to be a directory (one clear error otherwise), else the shipped heads, else None."""
-    if opts.heads is None:
-        return shipped_heads(cfg, head_type)
-    path = Path(opts.heads)
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory"
-        raise InvalidArgumentError(f"{flag} {opts.heads}: {what}; give a directory of trained heads "
-                                   f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-    return path
+    path = given_dir(opts.heads, flag, f"a directory of trained heads ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    return path if path is not None else shipped_heads(cfg, head_type)
+
+
+def weights_fingerprint(weights: Mapping, sample: int = 4096) -> str:
+    """sha256 identifying trained weights: each tensor's name, shape and an evenly strided sample of at most
+    `sample` of its values, rounded to bfloat16 so that float32 and bfloat16 loads of one checkpoint agree.
+    What a checkpoint trained on another drafter's outputs records, so that it is refused for a different one."""
+    h = hashlib.sha256()
+    for name, x in sorted(flat_names(weights).items()):
+        flat = jax.numpy.ravel(x)
+        values = np.asarray(jax.device_get(flat[::max(1, flat.shape[0] // sample)][:sample]))
+        h.update(f"{name}:{tuple(np.shape(x))}:".encode())
+        h.update(values.astype(np.float32).astype(ml_dtypes.bfloat16).tobytes())
+    return h.hexdigest()

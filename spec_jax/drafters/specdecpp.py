@@ -19,7 +19,6 @@ draft (`draft_identity`) and is refused for another.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from spec_jax.drafters import head_checkpoints as hc
@@ -113,16 +111,11 @@ def acceptance_stop(reject_fn: Callable, threshold: float, min_k: int) -> Callab
 # ----------------------------------------------------------------------------- checkpoints
 
 def draft_identity(draft_params: Mapping, dcfg: Config) -> dict:
-    """What a head records of the draft it was trained for: the draft's shape and a sha256 of its own weights
-    (decoder layers and final norm, rounded to bfloat16 so a float32 or bfloat16 load of one draft agree)."""
+    """What a head records of the draft it was trained for: the draft's shape and a fingerprint of its own
+    weights (decoder layers and final norm; `head_checkpoints.weights_fingerprint`)."""
     own = {k: v for k, v in draft_params.items() if k.startswith("layers_") or k == "norm"}
-    h = hashlib.sha256()
-    for name, v in sorted(hc.flat_names(own).items()):
-        a = np.asarray(jax.device_get(v)).astype(np.float32).astype(ml_dtypes.bfloat16)
-        h.update(f"{name}|{list(a.shape)}|".encode())
-        h.update(a.tobytes())
     return {"num_layers": dcfg.num_layers, "hidden_size": dcfg.hidden_size, "vocab_size": dcfg.vocab_size,
-            "sha256": h.hexdigest()}
+            "sha256": hc.weights_fingerprint(own)}
 
 
 def save_acceptance_head(path: str | os.PathLike, head: Mapping, meta: Mapping, draft: Mapping) -> Path:
@@ -220,13 +213,9 @@ OPTIONS = (
 def head_dir(opts, cfg: Config) -> Path | None:
     """`--acceptance-head`, checked to hold a head for this model (no weights read), else the shipped head (None
     when none ships for this model)."""
-    if opts.acceptance_head is None:
+    path = hc.given_dir(opts.acceptance_head, "--acceptance-head", "a directory written by the specdecpp recipe")
+    if path is None:
         return hc.shipped_heads(cfg, HEAD_TYPE)
-    path = Path(opts.acceptance_head)
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory"
-        raise InvalidArgumentError(f"--acceptance-head {opts.acceptance_head}: {what}; give a directory written by "
-                                   "the specdecpp recipe")
     hc.read_heads_config(path, cfg, HEAD_TYPE, {"num_blocks": int, "draft": dict})
     return path
 

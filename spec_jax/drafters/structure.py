@@ -27,7 +27,6 @@ The predictor only chooses how deep to draft; verification is unchanged, so deco
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -134,18 +133,9 @@ def held_out_metrics(pred_N: np.ndarray, labels_N: np.ndarray, depth: int, margi
 # ----------------------------------------------------------------------------- which drafter it is for
 
 def drafter_fingerprint(weights: Mapping) -> str:
-    """sha256 identifying a drafter's trained weights (names, shapes and a float16 sample of each tensor; the
-    reduced vocabulary and any predictor left out): what a predictor records, so that one trained for another
-    draft is refused."""
-    h = hashlib.sha256()
-    for name, x in sorted(hc.flat_names({k: v for k, v in weights.items() if k not in ("vocab", HEAD_TYPE)})
-                          .items()):
-        flat = jnp.ravel(x)
-        step = max(1, flat.shape[0] // 4096)
-        sample = np.asarray(jax.device_get(flat[::step][:4096])).astype(np.float16)
-        h.update(f"{name}:{tuple(np.shape(x))}:".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()
+    """What a predictor records of the drafter it was trained on (`head_checkpoints.weights_fingerprint`; the
+    reduced vocabulary and any predictor left out), so that one trained for another draft is refused."""
+    return hc.weights_fingerprint({k: v for k, v in weights.items() if k not in ("vocab", HEAD_TYPE)})
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -222,11 +212,8 @@ def check_option(opts, cfg: Config, drafter: str) -> None:
     trained on is checked once the draft's weights are loaded)."""
     if opts.structure_head in (None, OFF):
         return
-    path = Path(opts.structure_head)
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory"
-        raise InvalidArgumentError(f"--structure-head {opts.structure_head}: {what}; give a predictor directory "
-                                   f"({hc.CONFIG_FILE} + {hc.WEIGHTS_FILE}) or {OFF}")
+    path = hc.given_dir(opts.structure_head, "--structure-head",
+                        f"a predictor directory ({hc.CONFIG_FILE} + {hc.WEIGHTS_FILE}) or {OFF}")
     read_structure_config(path, cfg, drafter)
 
 

@@ -34,7 +34,7 @@ from spec_jax.drafters import specdecpp as sd
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.models import Config, final_norm, forward, head, init_cache
 from spec_jax.policies import FixedLength
-from spec_jax.training.recipes import Parts, Recipe, _need_layers
+from spec_jax.training.recipes import Parts, Recipe, _need_layers, held_out_prompts
 
 CHUNK_ROWS = 4  # rows per teacher-forced forward (two [rows, L, V] float32 logit arrays live at once)
 
@@ -217,9 +217,8 @@ def specdecpp_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
         metrics = head_metrics(params, ex["feats"][held_idx], ex["label"][held_idx], recipe.acc_reject_weight)
         if step >= recipe.train.total_steps and recipe.tau_prompts:  # the real K once, at the end
             if step not in final:
-                final[step] = engine_draft_length(*drafter(params, None), target, _held_out_prompts(recipe, data,
-                                                                                                     n_train),
-                                                  recipe.tau_tokens)
+                prompts = held_out_prompts(data, n_train, recipe.tau_prompts)
+                final[step] = engine_draft_length(*drafter(params, None), target, prompts, recipe.tau_tokens)
             metrics |= final[step]
         return metrics
 
@@ -229,12 +228,6 @@ def specdecpp_parts(recipe: Recipe, data, n_train: int, target, vocab) -> Parts:
     params = sd.init_head(dcfg.hidden_size, recipe.acc_blocks, jax.random.key(recipe.train.seed))
     return Parts(params=params, frozen=(), loss_fn=loss_fn, batches=batches, evaluate=evaluate, drafter=drafter,
                  save=save)
-
-
-def _held_out_prompts(recipe: Recipe, data, n_train: int) -> list[list[int]]:
-    """The prompts of the first `tau_prompts` held-out rows (as `recipes.real_tau` decodes them)."""
-    rows = data.read(np.arange(n_train, min(n_train + recipe.tau_prompts, len(data))), ["tokens", "loss_mask"])
-    return [list(map(int, t[: int(np.argmax(m))])) for t, m in zip(rows["tokens"], rows["loss_mask"], strict=True)]
 
 
 def _describe(opts, cfg: Config) -> str:

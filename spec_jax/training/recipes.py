@@ -423,14 +423,18 @@ def run_recipe(recipe: Recipe, target=None, progress: bool = True) -> dict:
     return metrics
 
 
+def held_out_prompts(data, n_train: int, count: int) -> list[list[int]]:
+    """The prompts (tokens before the answer) of the first `count` held-out rows, those after `n_train`."""
+    rows = data.read(np.arange(n_train, min(n_train + count, len(data))), ["tokens", "loss_mask"])
+    return [list(map(int, t[: int(np.argmax(m))])) for t, m in zip(rows["tokens"], rows["loss_mask"], strict=True)]
+
+
 def real_tau(drafter, weights, target, data, n_train: int, recipe: Recipe) -> dict:
     """The trained drafter decoding held-out prompts through the engine: tau, and the output checked token for
     token against AR (greedy)."""
     from spec_jax.decoding import Engine, generate
 
-    rows = data.read(np.arange(n_train, min(n_train + recipe.tau_prompts, len(data))), ["tokens", "loss_mask"])
-    prompts = [list(map(int, t[: int(np.argmax(m))])) for t, m in zip(rows["tokens"], rows["loss_mask"],
-                                                                          strict=True)]
+    prompts = held_out_prompts(data, n_train, recipe.tau_prompts)
     cfg = target.cfg
     ar = generate(Engine(cfg), target.params, prompts, recipe.tau_tokens)
     gen = generate(Engine(cfg, drafter), target.params, prompts, recipe.tau_tokens, weights=weights)

@@ -80,3 +80,45 @@ def test_bench_end_to_end_on_tiny_model(tiny_hf_dir, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     info = json.loads((out / "run.json").read_text())
     assert info["versions"]["jax"] == jax.__version__ and info["methods"] == ["ar", "pld"]
+
+
+def test_batched_bench_matches_batch_one_and_sweeps(tiny_hf_dir, tmp_path, capsys):
+    """--batch-size 2 over 3 questions (a ragged last batch) and both turns: every method's greedy output is
+    the batch-1 output token for token; speed is throughput; the sweep table and plot cover both runs."""
+    from spec_jax.bench.report import write_batch_sweep
+    from spec_jax.cli import main
+
+    common = ["bench", "--model", str(tiny_hf_dir), "--methods", "ar,token_recycling", "--dataset", "mtbench",
+              "--categories", "writing,coding,math", "--per-category", "1", "--max-new-tokens", "12"]
+    for b in (1, 2):
+        assert main([*common, "--batch-size", str(b), "--out", str(tmp_path / f"b{b}")]) == 0
+    capsys.readouterr()
+    for m in ("ar", "token_recycling"):
+        rows = {b: [json.loads(line) for line in (tmp_path / f"b{b}" / f"{m}.jsonl").read_text().splitlines()]
+                for b in (1, 2)}
+        assert [[t["token_ids"] for t in r["turns"]] for r in rows[2]] == \
+               [[t["token_ids"] for t in r["turns"]] for r in rows[1]]
+        # Batched, the first two questions' turns share a wall time; the third ran alone.
+        first, second, third = rows[2]
+        assert [t["seconds"] for t in first["turns"]] == [t["seconds"] for t in second["turns"]]
+        assert third["turns"][0]["seconds"] != first["turns"][0]["seconds"]
+    summary = json.loads((tmp_path / "b2" / "summary.json").read_text())["overall"]
+    assert summary["batch_size"] == 2 and summary["methods"]["token_recycling"]["mismatches"] == 0
+    ar_rows = [json.loads(line) for line in (tmp_path / "b2" / "ar.jsonl").read_text().splitlines()]
+    seconds = ([ar_rows[0]["turns"][t]["seconds"] for t in range(2)] + [ar_rows[2]["turns"][t]["seconds"]
+                                                                        for t in range(2)])
+    new = sum(t["new_tokens"] for r in ar_rows for t in r["turns"])
+    assert summary["methods"]["ar"]["tokens_per_second"] == pytest.approx(new / sum(seconds), rel=1e-3)
+    table = write_batch_sweep([tmp_path / "b1", tmp_path / "b2"], tmp_path / "sweep")
+    assert "batch 1: tokens/s (x AR)" in table and "| token_recycling |" in table
+    assert (tmp_path / "sweep" / "batch_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(DataFormatError, match="same --batch-size"):
+        write_batch_sweep([tmp_path / "b1", tmp_path / "b1"], tmp_path / "sweep")
+
+
+def test_transformers_assisted_peers_refuse_batches(tiny_hf_dir, tmp_path, capsys):
+    from spec_jax.cli import main
+
+    assert main(["bench", "--model", str(tiny_hf_dir), "--methods", "ar,hf_pld", "--batch-size", "2",
+                 "--num-prompts", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "transformers runs hf_pld one sequence at a time" in capsys.readouterr().err

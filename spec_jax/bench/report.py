@@ -75,6 +75,20 @@ def mean_tps(rows: list[dict]) -> float:
     return float(np.mean([r["tokens_per_second"] for r in rows])) if rows else float("nan")
 
 
+def speed(res: dict) -> float:
+    """A method's tokens/s: at batch 1 the mean over questions of per-question tokens/s (Spec-Bench); at a
+    larger batch the throughput, every sequence's new tokens over the summed wall time of the batches."""
+    if res.get("batch_size", 1) == 1:
+        return mean_tps(res["rows"])
+    batches = res["batches"]
+    return sum(b["new_tokens"] for b in batches) / sum(b["seconds"] for b in batches)
+
+
+def latency(res: dict) -> float:
+    """Mean wall time of a turn, per sequence (a batched sequence waits for its whole batch)."""
+    return float(np.mean([t["seconds"] for r in res["rows"] for t in r["turns"]]))
+
+
 def tau(rows: list[dict]) -> float | None:
     """Tokens per target forward over all turns (None when the method does not report forwards)."""
     from spec_jax.metrics import tau as tau_of
@@ -106,30 +120,37 @@ def _fmt(x, spec=".2f"):
 
 def summary_table(results: dict, bandwidth_gbs: float) -> tuple[str, dict]:
     """The overall table and the numbers behind it."""
-    ar = mean_tps(results["ar"]["rows"]) if "ar" in results else None
-    hf = mean_tps(results["hf_ar"]["rows"]) if "hf_ar" in results else None
+    ar = speed(results["ar"]) if "ar" in results else None
+    hf = speed(results["hf_ar"]) if "hf_ar" in results else None
+    batch = max(r.get("batch_size", 1) for r in results.values())
     weight_bytes = next((r["weight_bytes"] for r in results.values() if r.get("weight_bytes")), None)
-    ceiling = bandwidth_gbs * 1e9 / weight_bytes if weight_bytes else None
+    # Batched, one read of the weights serves every sequence of a step.
+    ceiling = batch * bandwidth_gbs * 1e9 / weight_bytes if weight_bytes else None
     lines = ["| method | tokens/s | tau | speedup vs AR | vs HF AR | x roofline | mismatches vs AR | draft ms/step "
-             "| verify ms/step | host ms/step | compile+warm-up s | peak RSS MB |", "|---" * 12 + "|"]
+             "| verify ms/step | host ms/step | compile+warm-up s | peak RSS MB |"
+             + (" latency s/turn |" if batch > 1 else ""), "|---" * (12 + (batch > 1)) + "|"]
     numbers = {}
     for m, res in results.items():
         rows = res["rows"]
-        v, t = mean_tps(rows), tau(rows)
+        v, t = speed(res), tau(rows)
         ph = res.get("phases") or {}
         mism = mismatches(rows, results["ar"]["rows"]) if "ar" in results else None
         numbers[m] = {"tokens_per_second": v, "tau": t, "speedup": v / ar if ar else None,
                       "vs_hf": v / hf if hf else None, "x_roofline": v / ceiling if ceiling else None,
-                      "mismatches": mism, "nodes": res.get("nodes")}
+                      "mismatches": mism, "nodes": res.get("nodes"), "batch_size": res.get("batch_size", 1),
+                      "latency_seconds": latency(res)}
         lines.append(
             f"| {m} | {v:.1f} | {_fmt(t)} | {_fmt(numbers[m]['speedup'])} | {_fmt(numbers[m]['vs_hf'])} "
             f"| {_fmt(numbers[m]['x_roofline'])} | {'-' if mism is None else mism} "
             f"| {_fmt(ph.get('draft_ms_per_step'), '.1f')} | {_fmt(ph.get('verify_ms_per_step'), '.1f')} "
-            f"| {_fmt(ph.get('host_ms_per_step'), '.2f')} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |")
+            f"| {_fmt(ph.get('host_ms_per_step'), '.2f')} | {res['warmup_seconds']:.1f} | {res['peak_rss_mb']:.0f} |"
+            + (f" {numbers[m]['latency_seconds']:.2f} |" if batch > 1 else ""))
     if ceiling:
         lines += ["", f"Roofline: {weight_bytes / 1e6:.0f} MB of weights read per target forward at a measured "
-                      f"{bandwidth_gbs:.1f} GB/s copy bandwidth: AR ceiling {ceiling:.1f} tokens/s."]
-    return "\n".join(lines), {"methods": numbers, "ar_ceiling": ceiling, "bandwidth_gbs": bandwidth_gbs}
+                      f"{bandwidth_gbs:.1f} GB/s copy bandwidth: AR ceiling {ceiling:.1f} tokens/s"
+                      + (f" at batch {batch} (weight reads only)." if batch > 1 else ".")]
+    return "\n".join(lines), {"methods": numbers, "ar_ceiling": ceiling, "bandwidth_gbs": bandwidth_gbs,
+                              "batch_size": batch}
 
 
 def category_table(results: dict) -> tuple[str, dict]:
@@ -236,7 +257,11 @@ def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
                          f"expected tau {_fmt(b.get('expected_tau'))}, "
                          f"calibration tau {_fmt(b.get('calibration_tau'))})")
     devices = {m: r.get("device") for m, r in results.items()}
-    lines += ["", "Speed is the mean over questions of per-question tokens/s (all turns); speedup is relative to "
+    batch = overall["batch_size"]
+    speed_is = ("the mean over questions of per-question tokens/s (all turns)" if batch == 1 else
+                f"throughput at batch {batch}: every sequence's new tokens over the batches' wall time (the "
+                "by-category table gives per-sequence tokens/s); latency is a turn's wall time per sequence")
+    lines += ["", f"Speed is {speed_is}; speedup is relative to "
                   "our AR in this run; compile and warm-up time are excluded and listed apart."
                   + (" Mismatches: questions whose greedy output differs from AR's." if greedy else ""),
               "", "Devices: " + "; ".join(f"{m}: {d}" for m, d in devices.items())]
@@ -248,3 +273,74 @@ def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
     atomic_write_text(out_dir / "summary.json", json.dumps({"overall": overall, "by_category": by_cat,
                                                             "budgets": budgets}, indent=2, default=str) + "\n")
     return text
+
+
+# ----------------------------------------------------------------------------- batch sweeps
+
+def write_batch_sweep(run_dirs: list[Path], out_dir: Path) -> str:
+    """One table and `batch_sweep.png` (throughput, and speedup over AR at the same batch size, against the
+    batch size) from the `summary.json` of bench runs at several `--batch-size`s; returns the Markdown, also
+    written to `batch_sweep.md`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spec_jax.errors import DataFormatError
+
+    runs = {}
+    for d in run_dirs:
+        try:
+            overall = json.loads((Path(d) / "summary.json").read_text())["overall"]
+            runs[int(overall.get("batch_size", 1))] = overall["methods"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataFormatError(f"{d}: not a bench results folder ({e}); run `spec-jax bench --out {d}` first") \
+                from None
+    if len(runs) != len(run_dirs):
+        raise DataFormatError("two of the folders hold runs at the same --batch-size; give one per batch size")
+    sizes = sorted(runs)
+    methods = list(dict.fromkeys(m for b in sizes for m in runs[b]))
+    lines = ["| method | " + " | ".join(f"batch {b}: tokens/s (x AR)" for b in sizes) + " |",
+             "|---" * (len(sizes) + 1) + "|"]
+    for m in methods:
+        cells = [f"{runs[b][m]['tokens_per_second']:.1f} ({_fmt(runs[b][m].get('speedup'))})" if m in runs[b]
+                 else "-" for b in sizes]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        bs = [b for b in sizes if m in runs[b]]
+        ax1.plot(bs, [runs[b][m]["tokens_per_second"] for b in bs], "o-", label=m)
+        if m != "ar":
+            ax2.plot(bs, [runs[b][m].get("speedup") or float("nan") for b in bs], "o-", label=m)
+    ax1.set(xscale="log", xlabel="batch size", ylabel="throughput (tokens/s)", title="Throughput")
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set(xscale="log", xlabel="batch size", ylabel="speedup vs AR at the same batch size",
+            title="Speedup over AR")
+    for ax in (ax1, ax2):
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "batch_sweep.png", lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    text = "\n".join(lines)
+    atomic_write_text(out_dir / "batch_sweep.md", text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from spec_jax.interrupts import run_command
+
+    p = argparse.ArgumentParser(prog="python -m spec_jax.bench.report",
+                                description="Table and plot of bench runs at several --batch-size values.")
+    p.add_argument("runs", nargs="+", help="bench results folders (each with summary.json)")
+    p.add_argument("--out", required=True, help="folder for batch_sweep.md and batch_sweep.png")
+    args = p.parse_args(argv)
+    return run_command(lambda: print(write_batch_sweep([Path(r) for r in args.runs], Path(args.out))) or 0,
+                       prog="spec_jax.bench.report")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

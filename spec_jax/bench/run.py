@@ -46,6 +46,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=Range(int, 1), default=None, help="at most this many questions in all")
     p.add_argument("--max-turns", type=Range(int, 1), default=None, help="turns per question (default: all)")
     p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=256)
+    p.add_argument("--batch-size", type=Range(int, 1), default=1,
+                   help="questions decoded at once, each turn as one batch with ragged acceptance per sequence; "
+                        "above 1, tokens/s is throughput (every sequence's new tokens over wall time) and each "
+                        "sequence's latency is its batch's wall time")
     add_method_args(p, method_flag=False)
     p.add_argument("--hf-pld-tokens", type=Range(int, 1), default=10, help="prompt_lookup_num_tokens for hf_pld")
     p.add_argument("--out", default="results/bench", help="results folder")
@@ -59,20 +63,34 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- workers
 
 def _conversations(spec, tok, answer):
-    """Run every question's turns in order; `answer(ids)` -> (new ids, stats). Yields one row per question."""
+    """Run the questions `batch_size` at a time, each turn of a batch as one call `answer(list of ids)` ->
+    [(new ids, stats)] (a later turn is sent after the model's own earlier answers). Yields one row per
+    question; `spec["batches"]` gets each call's size, new tokens and seconds (for throughput)."""
     from tqdm import tqdm
 
     from spec_jax.text import encode_messages
 
-    for q in tqdm(spec["questions"], desc=spec["entry"], file=sys.stderr, unit="q", mininterval=5):
-        messages, turns = [], []
-        for text in q["turns"][: spec["max_turns"]]:
-            messages.append({"role": "user", "content": text})
-            ids = encode_messages(tok, messages)
-            new, stats = answer(ids)
-            messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
-            turns.append({"prompt_tokens": len(ids), "token_ids": new, **stats})
-        yield _question_row(q, turns)
+    questions, size = spec["questions"], spec.get("batch_size", 1)
+    with tqdm(total=len(questions), desc=spec["entry"], file=sys.stderr, unit="q", mininterval=5) as bar:
+        for start in range(0, len(questions), size):
+            chunk = questions[start:start + size]
+            messages, turns = [[] for _ in chunk], [[] for _ in chunk]
+            for t in range(max(len(q["turns"][: spec["max_turns"]]) for q in chunk)):
+                live = [i for i, q in enumerate(chunk) if t < len(q["turns"][: spec["max_turns"]])]
+                ids = []
+                for i in live:
+                    messages[i].append({"role": "user", "content": chunk[i]["turns"][t]})
+                    ids.append(encode_messages(tok, messages[i]))
+                answers = answer(ids)
+                spec.setdefault("batches", []).append(
+                    {"size": len(ids), "new_tokens": sum(s["new_tokens"] for _, s in answers),
+                     "seconds": answers[0][1]["seconds"]})
+                for i, p, (new, stats) in zip(live, ids, answers, strict=True):
+                    messages[i].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+                    turns[i].append({"prompt_tokens": len(p), "token_ids": new, **stats})
+            for q, ts in zip(chunk, turns, strict=True):
+                yield _question_row(q, ts)
+            bar.update(len(chunk))
 
 
 def _question_row(q: dict, turns: list[dict]) -> dict:
@@ -109,35 +127,40 @@ def _worker_ours(spec: dict) -> dict:
     state = {"carry": run.carry}  # drafters that learn while decoding (Token Recycling) carry what they
     # learned from question to question, starting from their initial carry, not from warm-up runs
 
-    def answer(ids):
-        bucket = engine.pad_prompts([ids])[0].shape[1]
-        if bucket not in seen:  # compile for this prompt-length bucket, untimed
-            seen.add(bucket)
+    def answer(batch):
+        shape = (len(batch), engine.pad_prompts(batch)[0].shape[1])
+        if shape not in seen:  # compile for this batch size and prompt-length bucket, untimed
+            seen.add(shape)
             t = time.perf_counter()
-            generate(engine, params, [ids], 2, weights=weights, carry=run.carry, cache_size=size)
+            generate(engine, params, batch, 2, weights=weights, carry=run.carry, cache_size=size)
             warm[0] += time.perf_counter() - t
-        g = generate(engine, params, [ids], max_new, weights=weights, carry=state["carry"], cache_size=size)
+        g = generate(engine, params, batch, max_new, weights=weights, carry=state["carry"], cache_size=size)
         state["carry"] = g.carry
         stats = g.stats()
-        steps = stats["target_forwards"] - 1
-        stats["accepted_hist"] = _accepted_hist(g.accepted_at, steps)
-        return g.token_ids[0], stats
+        hist = _accepted_hist(g.accepted_at, stats["target_forwards"] - len(batch))  # the batch's, summed
+        return [(ids, {"new_tokens": len(ids), "seconds": g.seconds, "tokens_per_second": len(ids) / g.seconds,
+                       "target_forwards": forwards,
+                       # the batch's histogram goes with its first sequence, so that sums over turns stay exact
+                       "accepted_hist": hist if i == 0 else None})
+                for i, (ids, forwards) in enumerate(zip(g.token_ids, g.target_forwards, strict=True))]
 
     rows = list(_conversations(spec, tok, answer))
     if run.built.save is not None and state["carry"] is not None:  # e.g. --tr-matrix: what the run learned
         run.built.save(fetch(state["carry"], mesh))
-    # Where the time goes: the first question's first turn again with drafting and verification
-    # timed apart (after compiling the two halves); the speed figures above come from the fused loop.
-    first = encode_messages(tok, [{"role": "user", "content": spec["questions"][0]["turns"][0]}])
+    # Where the time goes: the first batch's first turns again with drafting and verification timed apart
+    # (after compiling the two halves); the speed figures above come from the fused loop.
+    first = [encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])
+             for q in spec["questions"][: spec.get("batch_size", 1)]]
     t = time.perf_counter()
-    generate(engine, params, [first], 4, weights=weights, carry=run.carry, cache_size=size, time_phases=True)
+    generate(engine, params, first, 4, weights=weights, carry=run.carry, cache_size=size, time_phases=True)
     warm[0] += time.perf_counter() - t
-    g = generate(engine, params, [first], max_new, weights=weights, carry=run.carry, cache_size=size,
+    g = generate(engine, params, first, max_new, weights=weights, carry=run.carry, cache_size=size,
                  time_phases=True)
-    steps = max(sum(g.target_forwards) - 1, 1)
+    steps = max(max(g.target_forwards) - 1, 1)
     phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps,
               "host_ms_per_step": 1e3 * g.host_seconds / steps}
-    return {"rows": rows, "warmup_seconds": warm[0], "peak_rss_mb": peak_rss_mb(), "weight_bytes": param_bytes(params),
+    return {"rows": rows, "batches": spec["batches"], "batch_size": spec.get("batch_size", 1),
+            "warmup_seconds": warm[0], "peak_rss_mb": peak_rss_mb(), "weight_bytes": param_bytes(params),
             "phases": phases, "budget": run.budget, "budget_seconds": budget_seconds,
             "nodes": engine.shape.nodes, "device": _device()}
 
@@ -168,20 +191,32 @@ def _worker_hf(spec: dict) -> dict:
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, do_sample=False, **extra)
     warmup = time.perf_counter() - t
 
-    def answer(ids):
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = 0 if eos is None else eos
+
+    def answer(batch):
+        # A batch is left-padded (transformers' way); each answer ends at its first EOS, as ours do.
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         with torch.no_grad():
             t = time.perf_counter()
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id, **extra)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=pad, **extra)
             sec = time.perf_counter() - t
-        new = out[0, len(ids):].tolist()
         # transformers does not report target forwards for prompt lookup or assisted generation.
         ar = spec["method"] == "hf_ar"
-        return new, {"new_tokens": len(new), "seconds": sec, "tokens_per_second": len(new) / sec,
-                     "target_forwards": len(new) if ar else None}
+        answers = []
+        for row in out[:, width:].tolist():
+            new = row[: row.index(eos) + 1] if eos is not None and eos in row else row
+            answers.append((new, {"new_tokens": len(new), "seconds": sec, "tokens_per_second": len(new) / sec,
+                                  "target_forwards": len(new) if ar else None}))
+        return answers
 
     rows = list(_conversations(spec, tok, answer))
-    return {"rows": rows, "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None,
+    return {"rows": rows, "batches": spec["batches"], "batch_size": spec.get("batch_size", 1),
+            "warmup_seconds": warmup, "peak_rss_mb": peak_rss_mb(), "weight_bytes": None,
             "device": {"platform": "cpu (torch)", "threads": torch.get_num_threads()}}
 
 
@@ -315,6 +350,9 @@ def check_bench(args) -> tuple:
                 if importlib.util.find_spec("torch") is None:
                     raise InvalidArgumentError("the Hugging Face peers need PyTorch; install them with "
                                                "`pip install -e .[peers]`")
+                if name != "hf_ar" and args.batch_size > 1:
+                    raise InvalidArgumentError(f"transformers runs {name} one sequence at a time; benchmark it "
+                                               "with --batch-size 1 (hf_ar takes batches)")
                 own = {"hf_pld": {"hf_pld_tokens"}, "hf_assisted": {"draft_model", "draft_layers"}}.get(name, set())
                 if name == "hf_assisted":
                     validate("draft", vars(values), cfg)
@@ -363,14 +401,15 @@ def cmd_bench(args) -> int:
     report.write_run_info(out_dir, args, methods, questions)
     results = {}
     for m in methods:
-        print(f"[bench] {m}: {len(questions)} questions x {turns} turn(s) x {args.max_new_tokens} new tokens",
-              file=sys.stderr)
+        print(f"[bench] {m}: {len(questions)} questions x {turns} turn(s) x {args.max_new_tokens} new tokens"
+              + (f", {args.batch_size} at a time" if args.batch_size > 1 else ""), file=sys.stderr)
         name, overrides = parsed[m]
         method_args = {**{k: v for k, v in vars(args).items() if k != "fn"}, **overrides, "method": name}
         module = None if name in HF_METHODS else (registered()[name].module, registered()[name].source)
         spec = {"entry": m, "method": name, "method_module": module, "model": args.model, "dtype": args.dtype,
                 "questions": questions,
                 "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,
+                "batch_size": args.batch_size,
                 "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
         try:
             results[m] = _run_worker(spec)

@@ -87,6 +87,25 @@ def test_matrix_update_hand_built():
     assert out[[0, 2, 4, 6, 7, 8]].sum() == 0
 
 
+@pytest.mark.parametrize("k,block", [(8, 16), (3, 7), (8, 64), (4, 500)])
+def test_blockwise_top_k_equals_lax_top_k(k, block):
+    """Token Recycling's matrix update takes the top-k of every fed slot's logits through `sampling.top_k`:
+    the same values and indices as `lax.top_k`, ties (to the lower index) and -inf included."""
+    from spec_jax.sampling import argmax, top_k
+
+    rng = np.random.default_rng(k + block)
+    x = rng.normal(size=(2, 6, 1000)).astype(np.float32)
+    x[0] = rng.integers(0, 4, size=(6, 1000))  # many ties, across blocks
+    x[1, 0, :] = -np.inf
+    x[1, 1, 2:] = -np.inf  # fewer finite entries than k
+    for a in (x, x[..., :997]):  # a last block cut short, padded
+        want_v, want_i = jax.lax.top_k(jnp.asarray(a), k)
+        got_v, got_i = jax.jit(top_k, static_argnums=(1, 2))(jnp.asarray(a), k, block)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_tree_from_known_matrix():
     tr = TokenRecycling(k=3, levels=(3, 2, 1))
     V = 20

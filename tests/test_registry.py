@@ -168,6 +168,40 @@ class WrongNodeCount(RepeatPending):
         return DraftShape(nodes=self.k + 1, depth=self.k)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnverifiedValidNode(RepeatPending):
+    """k children of the root; declares the last one unverified (no target logits there) yet proposes it valid."""
+
+    @property
+    def template(self) -> TreeTemplate:
+        return TreeTemplate(tuple((r,) for r in range(self.k)))
+
+    @property
+    def shape(self) -> DraftShape:
+        return DraftShape(nodes=self.k, depth=1, verified=self.k - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservesVerifiedSlot(UnverifiedValidNode):
+    """Proposes its unverified node invalid, but declares the logits `observe` reads at a verified slot."""
+
+    @property
+    def observed_logits(self) -> tuple[int, ...]:
+        return (1,)
+
+    def propose(self, weights, state, ctx):
+        tree, state, cache = super().propose(weights, state, ctx)
+        return tree.replace(valid=tree.valid.at[:, -1].set(False)), state, ctx.cache
+
+
+def test_drafter_with_valid_nodes_or_read_logits_past_its_verified_prefix_is_refused(tiny, prompts):
+    params, cfg = tiny
+    with pytest.raises(DrafterContractError, match="valid node past the 2 its shape declares verified"):
+        generate(Engine(cfg, UnverifiedValidNode(k=3)), params, prompts, 8)
+    with pytest.raises(DrafterContractError, match=r"reads logits at slots \[1\]"):
+        generate(Engine(cfg, ObservesVerifiedSlot(k=3)), params, prompts, 8)
+
+
 def test_drafter_writing_undeclared_scratch_is_refused_before_compiling(tiny, prompts):
     from spec_jax.decoding.engine import _jitted
 

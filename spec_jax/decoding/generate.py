@@ -2,8 +2,9 @@
 
 Compilation is timed apart from decoding: JAX reports the duration of every trace, lowering and XLA
 compilation (or persistent-cache read) through `jax.monitoring`, and a run subtracts what was spent
-on those inside each timed stretch, so a cold run's first-token and decoding figures are what a warm
-run would show, with the compilation reported next to them.
+on those inside each timed stretch, reporting the compilation next to them. (These events hold all
+but ~1% of an ahead-of-time `lower().compile()`; what a cold run still pays is the first execution
+of a fresh program: on the 2-core CPU, SmolLM2's first prefill takes 0.37 s, the next ones 0.11 s.)
 """
 
 from __future__ import annotations

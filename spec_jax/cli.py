@@ -64,11 +64,8 @@ def cmd_generate(args) -> int:
             file=sys.stderr)
 
     printed = [""]
-    first_token_at = [None]
 
     def stream(outs):
-        if first_token_at[0] is None:
-            first_token_at[0] = time.perf_counter() - t0
         text = tok.decode(outs[0], skip_special_tokens=True)
         if lead and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(printed[0]):])
@@ -87,10 +84,7 @@ def cmd_generate(args) -> int:
         print(json.dumps(stats))
     elif lead:
         sys.stdout.write(stats["text"][len(printed[0]):] + "\n")
-        print(f"[{args.method}] {stats['new_tokens']} tokens in {stats['seconds']:.2f}s "
-              f"({stats['tokens_per_second']:.1f} tok/s), tau {stats['tau']:.2f}, "
-              f"{stats['target_forwards']} target forwards, first token after "
-              f"{first_token_at[0] or stats['prefill_seconds']:.1f}s", file=sys.stderr)
+        print(summary_line(args.method, stats), file=sys.stderr)
     sys.stdout.flush()
     # Side files last: the results above are out even when a save fails (a clear error, non-zero exit).
     if run.built.save is not None and gen.carry is not None:
@@ -98,6 +92,20 @@ def cmd_generate(args) -> int:
         if lead:
             run.built.save(carry)
     return 0
+
+
+def summary_line(method: str, stats: dict) -> str:
+    """The closing line of `generate`: time to the first token and decoding speed, each without compilation,
+    which is reported apart (a cold run compiles; a warm one, reading the compilation cache, much less)."""
+    decoded = stats["decode_tokens"]
+    n = stats["new_tokens"]
+    line = (f"[{method}] {n} token{'s' * (n != 1)}: first after {stats['first_token_seconds']:.2f} s "
+            f"(compile {stats['compile_seconds']:.1f} s), ")
+    if decoded:
+        rate = stats["decode_tokens_per_second"]
+        line += (f"then {decoded} in {stats['decode_seconds']:.2f} s = "
+                 f"{'n/a' if rate is None else f'{rate:.1f}'} tok/s decoding, ")
+    return line + f"tau {stats['tau']:.2f}, {stats['target_forwards']} target forwards"
 
 
 def _say(args, text: str) -> None:

@@ -39,7 +39,7 @@ def probs(logits: jax.Array, s: Sampling) -> jax.Array:
     """Processed next-token probabilities [..., V] in float32 (one-hot argmax when greedy)."""
     logits = logits.astype(jnp.float32)
     if s.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     logits = logits / s.temperature
     neg = jnp.finfo(jnp.float32).min
     if s.top_k and s.top_k < logits.shape[-1]:
@@ -56,6 +56,33 @@ def probs(logits: jax.Array, s: Sampling) -> jax.Array:
     return p
 
 
+def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis (the same values and indices, ties to the lower index), searched
+    only in the k blocks of `block` entries with the largest maxima, which hold the k largest entries.
+
+    Each block's maximum is its best entry (ties to the lower index), and blocks are contiguous, so a block
+    holding one of the k best entries has its maximum among the k best too. On XLA:CPU, for the top 8 of
+    81 x 49152 logits (Token Recycling's update), `lax.top_k` takes 5.7 ms and this 0.5 ms.
+    """
+    V = x.shape[-1]
+    n = -(-V // block)
+    if n <= k:
+        return jax.lax.top_k(x, k)
+    lead = x.shape[:-1]
+    if n * block > V:  # pad the last block with entries no real one loses to
+        x = jnp.concatenate([x, jnp.full((*lead, n * block - V), -jnp.inf, x.dtype)], axis=-1)
+    blocks = x.reshape(*lead, n, block)
+    best = jnp.sort(jax.lax.top_k(jnp.max(blocks, axis=-1), k)[1], axis=-1)  # in index order, for the ties
+    values, at = jax.lax.top_k(jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(*lead, k * block), k)
+    return values, jnp.take_along_axis(best, at // block, axis=-1) * block + at % block
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis as int32 (ties to the lower index), through the blockwise `top_k`:
+    XLA:CPU's own argmax over 81 x 49152 logits takes 8.8 ms, this 0.3 ms."""
+    return top_k(x, 1)[1][..., 0].astype(jnp.int32)
+
+
 def entropy(p: jax.Array) -> jax.Array:
     """Shannon entropy (nats) of probabilities [..., V] over the last axis."""
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-38)), 0.0), axis=-1)
@@ -69,5 +96,5 @@ def sample(rng: jax.Array, p: jax.Array) -> jax.Array:
 def next_token(rng: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
     """Greedy argmax or a sample from the processed distribution."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return sample(rng, probs(logits, s)).astype(jnp.int32)

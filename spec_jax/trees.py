@@ -35,6 +35,14 @@ class DraftTree:
     def num_nodes(self) -> int:
         return self.tokens.shape[1]
 
+    def first(self, n: int) -> DraftTree:
+        """The tree of the first `n` nodes (itself when it has no more)."""
+        if n >= self.num_nodes:
+            return self
+        return DraftTree(tokens=self.tokens[:, :n], parents=self.parents[:, :n], depth=self.depth[:, :n],
+                         mask=self.mask[:, :n, :n], valid=self.valid[:, :n],
+                         q=None if self.q is None else self.q[:, :n])
+
 
 @dataclasses.dataclass(frozen=True)
 class TreeTemplate:

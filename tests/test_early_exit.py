@@ -74,8 +74,8 @@ def test_verification_reuses_the_draft_cache_and_matches_a_full_forward(tiny, pr
     calls = []
     real = EarlyExit.verify_forward
 
-    def spy(self, *args):
-        out = real(self, *args)
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         calls.append((args[-3], out.cache))  # the cache handed to verification, and the one it returned
         return out
 

@@ -109,6 +109,27 @@ def test_phase_timed_run_equals_fused(tiny, prompts):
         assert fused.stats()["draft_seconds"] is None
 
 
+@pytest.mark.parametrize("time_phases", [False, True])
+def test_compilation_is_timed_apart_from_first_token_and_decoding(tiny, prompts, time_phases):
+    """A cold run's compilation leaves the first-token and decoding times; a warm run compiles nothing."""
+    from spec_jax.sampling import Sampling
+
+    params, cfg = tiny
+    # A sampling setting no other test uses: a new engine, so the first run compiles its programs.
+    engine = Engine(cfg, LayerSkip(skip=(1,)), sampling=Sampling(temperature=0.61803, top_k=7 if time_phases else 8))
+    cold, warm = (generate(engine, params, prompts, 12, time_phases=time_phases) for _ in range(2))
+    assert cold.token_ids == warm.token_ids
+    for g in (cold, warm):
+        assert g.decode_tokens == g.new_tokens - len(prompts) > 0
+        assert 0 < g.first_token_seconds <= g.prefill_seconds and 0 < g.decode_seconds <= g.seconds - g.prefill_seconds
+        # What the two figures leave out is compilation (the rest of compile_seconds is the drafter audit's).
+        assert g.seconds - g.first_token_seconds - g.decode_seconds <= g.compile_seconds + 1e-6
+        assert g.stats()["decode_tokens_per_second"] == round(g.decode_tokens / g.decode_seconds, 3)
+        if time_phases:
+            assert g.draft_seconds + g.verify_seconds <= g.decode_seconds
+    assert cold.seconds - cold.first_token_seconds - cold.decode_seconds > 0 and warm.compile_seconds == 0
+
+
 def test_eos_and_max_new_respected(tiny, prompts):
     params, cfg = tiny
     ar = generate(Engine(cfg), params, prompts, 16).token_ids

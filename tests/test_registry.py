@@ -7,11 +7,12 @@ A method defined here, outside the package, plugs in by registering itself: it a
 
 import dataclasses
 import json
+import re
 
 import jax.numpy as jnp
 import pytest
 
-from spec_jax.cli import main
+from spec_jax.cli import main, summary_line
 from spec_jax.decoding import Engine, generate
 from spec_jax.decoding.verify import verify
 from spec_jax.drafters import Built, DraftShape, Option, TemplateDrafter, register
@@ -85,6 +86,41 @@ def test_every_method_runs_through_generate_greedy_exact(name, tiny_hf_dir, caps
     assert out["new_tokens"] == 12
 
 
+SUMMARY = re.compile(r"\[(\w+)\] (\d+) tokens?: first after ([\d.]+) s \(compile ([\d.]+) s\), "
+                     r"(?:then (\d+) in ([\d.]+) s = ([\d.]+) tok/s decoding, )?tau ([\d.]+), (\d+) target forwards")
+
+
+def test_generate_closing_line_gives_first_token_compilation_and_decoding_apart(tiny_hf_dir, capsys):
+    """Without --json, generate ends with the first token's time, the compilation apart, then the tokens
+    decoded after it with their time and rate: the JSON's decode_* fields, which leave compilation out."""
+    tr = ["--method", "token_recycling", "--tr-levels", "4,4"]
+    stats = _generate_json(capsys, tiny_hf_dir, *tr)
+    assert stats["decode_tokens"] == stats["new_tokens"] - 1 == 11
+    assert stats["first_token_seconds"] <= stats["prefill_seconds"]
+    assert stats["decode_seconds"] <= stats["seconds"] - stats["prefill_seconds"] + 1e-3  # 4-digit rounding
+    assert stats["decode_tokens_per_second"] == pytest.approx(stats["decode_tokens"] / stats["decode_seconds"],
+                                                              rel=1e-2)
+    assert stats["tokens_per_second"] == pytest.approx(stats["new_tokens"] / stats["seconds"], rel=1e-2)
+    line = summary_line("token_recycling", stats)
+    m = SUMMARY.fullmatch(line)
+    assert m, line
+    assert m.groups() == ("token_recycling", "12", f"{stats['first_token_seconds']:.2f}",
+                          f"{stats['compile_seconds']:.1f}", "11", f"{stats['decode_seconds']:.2f}",
+                          f"{stats['decode_tokens_per_second']:.1f}", f"{stats['tau']:.2f}",
+                          str(stats["target_forwards"]))
+
+    assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPT, "--max-new-tokens", "12", *tr]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    m = SUMMARY.fullmatch(err[-1])
+    assert m, err
+    total, decoded, forwards = int(m[2]), int(m[5]), int(m[9])
+    assert decoded == total - 1 == 11 and float(m[8]) == pytest.approx(decoded / (forwards - 1), abs=0.01)
+
+    assert main(["generate", "--model", str(tiny_hf_dir), "--prompt", PROMPT, "--max-new-tokens", "1"]) == 0
+    m = SUMMARY.fullmatch(capsys.readouterr().err.strip().splitlines()[-1])
+    assert m and m[2] == "1" and m[5] is None  # one token: nothing decoded after it
+
+
 def test_method_from_a_test_file_takes_its_own_flag(tiny_hf_dir, capsys):
     ar = _generate_json(capsys, tiny_hf_dir)
     out = _generate_json(capsys, tiny_hf_dir, "--method", "repeat_test", "--repeat-k", "5")
@@ -130,6 +166,40 @@ class WrongNodeCount(RepeatPending):
     @property
     def shape(self) -> DraftShape:
         return DraftShape(nodes=self.k + 1, depth=self.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnverifiedValidNode(RepeatPending):
+    """k children of the root; declares the last one unverified (no target logits there) yet proposes it valid."""
+
+    @property
+    def template(self) -> TreeTemplate:
+        return TreeTemplate(tuple((r,) for r in range(self.k)))
+
+    @property
+    def shape(self) -> DraftShape:
+        return DraftShape(nodes=self.k, depth=1, verified=self.k - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservesVerifiedSlot(UnverifiedValidNode):
+    """Proposes its unverified node invalid, but declares the logits `observe` reads at a verified slot."""
+
+    @property
+    def observed_logits(self) -> tuple[int, ...]:
+        return (1,)
+
+    def propose(self, weights, state, ctx):
+        tree, state, cache = super().propose(weights, state, ctx)
+        return tree.replace(valid=tree.valid.at[:, -1].set(False)), state, ctx.cache
+
+
+def test_drafter_with_valid_nodes_or_read_logits_past_its_verified_prefix_is_refused(tiny, prompts):
+    params, cfg = tiny
+    with pytest.raises(DrafterContractError, match="valid node past the 2 its shape declares verified"):
+        generate(Engine(cfg, UnverifiedValidNode(k=3)), params, prompts, 8)
+    with pytest.raises(DrafterContractError, match=r"reads logits at slots \[1\]"):
+        generate(Engine(cfg, ObservesVerifiedSlot(k=3)), params, prompts, 8)
 
 
 def test_drafter_writing_undeclared_scratch_is_refused_before_compiling(tiny, prompts):

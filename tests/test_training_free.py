@@ -1,6 +1,8 @@
 """Training-free drafters: Token Recycling, prompt lookup, Lookahead and the suffix-automaton drafters
 are exact under greedy decoding, and their data structures do what the papers say."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,25 @@ def test_matrix_update_hand_built():
     np.testing.assert_array_equal(out[9], [108, 109])
     np.testing.assert_array_equal(out[1], [0, 0])  # an invalid slot writes nothing
     assert out[[0, 2, 4, 6, 7, 8]].sum() == 0
+
+
+@pytest.mark.parametrize("k,block", [(8, 16), (3, 7), (8, 64), (4, 500)])
+def test_blockwise_top_k_equals_lax_top_k(k, block):
+    """Token Recycling's matrix update takes the top-k of every fed slot's logits through `sampling.top_k`:
+    the same values and indices as `lax.top_k`, ties (to the lower index) and -inf included."""
+    from spec_jax.sampling import argmax, top_k
+
+    rng = np.random.default_rng(k + block)
+    x = rng.normal(size=(2, 6, 1000)).astype(np.float32)
+    x[0] = rng.integers(0, 4, size=(6, 1000))  # many ties, across blocks
+    x[1, 0, :] = -np.inf
+    x[1, 1, 2:] = -np.inf  # fewer finite entries than k
+    for a in (x, x[..., :997]):  # a last block cut short, padded
+        want_v, want_i = jax.lax.top_k(jnp.asarray(a), k)
+        got_v, got_i = jax.jit(top_k, static_argnums=(1, 2))(jnp.asarray(a), k, block)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_tree_from_known_matrix():
@@ -342,3 +363,34 @@ def test_lookahead_pool_fills_and_its_drafts_verify(tiny):
     assert pooled[counts > 0].any()
     assert (np.asarray(state.accepted_B) > 0).any(), "no pooled n-gram was ever accepted"
     assert engine.outputs(state) == generate(Engine(cfg), params, prompts, 48).token_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class FullLogitsLookahead(Lookahead):
+    """Lookahead as it was before its LM head was restricted: logits at every slot, the read ones picked out."""
+
+    @property
+    def shape(self):
+        return dataclasses.replace(super().shape, verified=None)
+
+    @property
+    def observed_logits(self):
+        return ()
+
+    def observe(self, weights, state, result):
+        read = np.r_[: 1 + super().shape.verified, list(super().observed_logits)]
+        return super().observe(weights, state, result._replace(logits_BxTxV=result.logits_BxTxV[:, read]))
+
+
+def test_lookahead_logits_only_where_read(tiny):
+    """The target's LM head runs at the root, the verified trie and the top lookahead level only, and
+    decoding (the pool, so every acceptance) is what logits at every slot would give. (Sampled runs
+    verify the trie alone, so their random stream differs; their law is in test_lossless_sampling.)"""
+    params, cfg = tiny
+    la, la_full = Lookahead(window=3, ngram=4, candidates=2), FullLogitsLookahead(window=3, ngram=4, candidates=2)
+    # 16 slots: the root, 2 candidate chains of 3 (slots 1-6), then 3 lookahead levels of 3 columns (7-15).
+    assert Engine(cfg, la).logit_slots.tolist() == [0, 1, 2, 3, 4, 5, 6, 13, 14, 15]
+    assert Engine(cfg, la_full).logit_slots is None
+    cut, full = (generate(Engine(cfg, d), params, _repetitive_prompts(), 40) for d in (la, la_full))
+    assert cut.token_ids == full.token_ids and cut.node_hits == full.node_hits and cut.accepted == full.accepted
+    assert sum(cut.accepted) > 0

@@ -94,6 +94,15 @@ class Engine:
         return max(self.shape.nodes + 1, self.shape.target_scratch)
 
     @property
+    def logit_slots(self) -> np.ndarray | None:
+        """Slots of [root, nodes] whose target logits are computed (None: all): the root and the nodes
+        verification may accept, then the ones the drafter's `observe` reads."""
+        shape = self.shape
+        if shape.num_verified == shape.nodes:
+            return None
+        return np.concatenate([np.arange(1 + shape.num_verified), self.drafter.observed_logits]).astype(np.int32)
+
+    @property
     def eos(self) -> jax.Array:
         return jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 
@@ -188,9 +197,13 @@ class Engine:
         tree, cache = proposal.tree, proposal.cache
         committed_B = cache.lengths
         inputs_BxT, positions_BxT, mask_BxTxT = with_root(tree, proposal.pending_B, committed_B)
+        slots = self.logit_slots  # the LM head only where verification and the drafter read it
         out = drafter.verify_forward(weights, proposal.drafter, params, cfg, inputs_BxT, positions_BxT, cache,
-                                     mask_BxTxT if tree.num_nodes else None, drafter.hidden_layers)
-        res = verify(tree, out.logits, self.sampling, proposal.verify_key, self.shape.depth, self.verify_mode)
+                                     mask_BxTxT if tree.num_nodes else None, drafter.hidden_layers,
+                                     logits_at=None if slots is None else jnp.broadcast_to(slots, (B, len(slots))))
+        verified = self.shape.num_verified
+        res = verify(tree.first(verified), out.logits[:, : 1 + verified], self.sampling, proposal.verify_key,
+                     self.shape.depth, self.verify_mode)
         active_B = ~state.done_B
         n_commit_B = res.num_accepted_B + 1  # the root (pending token) plus the accepted drafts
         cache = commit(out.cache, res.path_BxP, jnp.where(active_B, n_commit_B, 0))
@@ -439,6 +452,14 @@ def _check_probe(engine: Engine, depth_N, valid_N, written_S, committed_changed)
     if deepest > shape.depth:
         raise DrafterContractError(f"drafter {name!r} proposed a valid node at depth {deepest} but its shape "
                                    f"declares depth {shape.depth}")
+    if valid_N[shape.num_verified:].any():
+        raise DrafterContractError(f"drafter {name!r} proposed a valid node past the {shape.num_verified} its shape "
+                                   "declares verified; only those get target logits, so the others must be invalid")
+    observed = np.asarray(engine.drafter.observed_logits, int)
+    if shape.verified is None and observed.size or np.any((observed <= shape.num_verified) | (observed > shape.nodes)):
+        raise DrafterContractError(f"drafter {name!r} reads logits at slots {observed.tolist()}; `observed_logits` "
+                                   f"names slots past the verified nodes, from {shape.num_verified + 1} to "
+                                   f"{shape.nodes}, when `shape.verified` is set")
     if committed_changed:
         raise DrafterContractError(f"drafter {name!r} changed committed target-cache entries or the cache lengths; "
                                    "drafters may write only scratch slots and must return the lengths unchanged")

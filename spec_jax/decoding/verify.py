@@ -73,7 +73,7 @@ def _walk(tree: DraftTree, choose, max_depth: int):
 
 
 def _verify_greedy(tree, logits_BxTxV, max_depth):
-    target_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+    target_BxT = sp.argmax(logits_BxTxV)
     at = lambda cur_B: jnp.take_along_axis(target_BxT, cur_B[:, None], axis=1)
     path_BxP, cur_B, n_B = _walk(tree, lambda cur_B: tree.tokens == at(cur_B), max_depth)
     return VerifyResult(path_BxP=path_BxP, num_accepted_B=n_B, next_token_B=at(cur_B)[:, 0])

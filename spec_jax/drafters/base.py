@@ -63,10 +63,21 @@ class DraftShape:
     nodes: int  # N: nodes of every proposed tree
     depth: int  # the deepest node's depth (verification walks this many levels)
     target_scratch: int = 0  # target-cache slots past the committed length that `propose` writes
+    # Nodes verification may accept: the first `verified` (None: all N). The others are fed only for what
+    # they leave behind (K/V, the logits `observe` reads: `Drafter.observed_logits`) and are never valid;
+    # the target's LM head skips them.
+    verified: int | None = None
 
     def __post_init__(self):
         if min(self.nodes, self.depth, self.target_scratch) < 0 or self.depth > self.nodes:
             raise InvalidArgumentError(f"invalid draft shape {self}: counts must be >= 0 and depth <= nodes")
+        if self.verified is not None and not self.depth <= self.verified <= self.nodes:
+            raise InvalidArgumentError(f"invalid draft shape {self}: verified nodes must be between depth and nodes")
+
+    @property
+    def num_verified(self) -> int:
+        """Nodes verification may accept (a prefix of the tree)."""
+        return self.nodes if self.verified is None else self.verified
 
 
 class PrefillContext(NamedTuple):
@@ -103,7 +114,9 @@ class StepResult(NamedTuple):
 
     tree: DraftTree
     inputs_BxT: jax.Array  # [B, 1+N] root + node tokens fed to the target
-    logits_BxTxV: jax.Array  # target logits at every slot
+    # Target logits at the root and the verified nodes, then at the drafter's `observed_logits` slots (at every
+    # slot when `shape.verified` is None).
+    logits_BxTxV: jax.Array
     hidden: dict  # target hidden states at every slot, for `hidden_layers`
     final_hidden_BxTxE: jax.Array  # target residual stream after the last layer, at every slot
     path_BxP: jax.Array  # [B, D+1] accepted slots by depth (slot 0 is the root)
@@ -134,6 +147,11 @@ class Drafter:
         """Residual-stream depths of the target that `prefill` / `observe` need."""
         return ()
 
+    @property
+    def observed_logits(self) -> tuple[int, ...]:
+        """Slots of [root, nodes] past the verified prefix (`shape.verified`) whose target logits `observe` reads."""
+        return ()
+
     def check(self, cfg: Config, weights, carry) -> None:
         """Refuse a misconfiguration or mismatched weights/carry before any compute (override to validate)."""
 
@@ -153,14 +171,16 @@ class Drafter:
         return state
 
     def verify_forward(self, weights, state, params, cfg: Config, inputs_BxT, positions_BxT, cache: KVCache,
-                       mask_BxTxT, return_hidden: tuple[int, ...]):
-        """The target's forward over [root, nodes] (a `models.Output`), writing all layers' K/V at the T slots.
+                       mask_BxTxT, return_hidden: tuple[int, ...], logits_at=None):
+        """The target's forward over [root, nodes] (a `models.Output`), writing all layers' K/V at the T slots,
+        with logits at the slots `logits_at[B, K]` (every slot when None).
 
         `state` is the drafter state after `propose`. A self-speculative drafter that already computed the early
         layers for these tokens overrides this (early_exit runs only the upper layers from its exit states);
         the cache it returns must be the one this default would return.
         """
-        return forward(params, cfg, inputs_BxT, positions_BxT, cache, mask_BxTxT, return_hidden=return_hidden)
+        return forward(params, cfg, inputs_BxT, positions_BxT, cache, mask_BxTxT, return_hidden=return_hidden,
+                       logits_at=logits_at)
 
     def pruned(self, nodes: int, rates: np.ndarray | None = None) -> Drafter:
         """This drafter with its tree shrunk to `nodes` nodes (prunable drafters). `rates[i]`, when given, is

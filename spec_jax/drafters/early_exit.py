@@ -163,13 +163,14 @@ class EarlyExit(ChainDrafter):
         return tree, {**state, "exit_hidden": hid}, cache
 
     def verify_forward(self, weights, state, params, cfg: Config, inputs_BxT, positions_BxT, cache: KVCache,
-                       mask_BxTxT, return_hidden: tuple[int, ...]):
+                       mask_BxTxT, return_hidden: tuple[int, ...], logits_at=None):
         """Layers n..L-1 only, from the exit states `propose` kept (LayerSkip's KV and exit-state reuse)."""
         if any(0 <= i <= self.exit_layer for i in return_hidden):
             raise InvalidArgumentError(f"early_exit verifies from layer {self.exit_layer}: hidden states "
                                        f"{sorted(return_hidden)} of the early layers are not computed")
         return forward_embeddings(params, cfg, state["exit_hidden"], positions_BxT, cache, mask_BxTxT,
-                                  layers=tuple(range(self.exit_layer, cfg.num_layers)), return_hidden=return_hidden)
+                                  layers=tuple(range(self.exit_layer, cfg.num_layers)), return_hidden=return_hidden,
+                                  logits_at=logits_at)
 
 
 # ----------------------------------------------------------------------------- checkpoints

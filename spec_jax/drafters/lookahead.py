@@ -14,9 +14,11 @@ guessed tokens is kept; each step feeds, in ONE target forward:
   verified like any deterministic draft tree (greedy, or the point-mass rule under sampling).
 
 Lookahead nodes are marked invalid, so verification never accepts them; their only product is the
-pool. The pool holds, per first token, the G most recently found distinct n-grams ([B, V, G, N-1]
-int32: 2.4 MB for SmolLM2's vocabulary at G = 4, N = 4). With `seed_from_prompt` the prompt's own
-n-grams enter the pool at prefill (as prompt lookup would use them); the paper's pool starts empty.
+pool, and of their logits only the top level's are read, so the target's LM head runs only there
+(`DraftShape.verified`, `observed_logits`). The pool holds, per first token, the G most recently
+found distinct n-grams ([B, V, G, N-1] int32: 2.4 MB for SmolLM2's vocabulary at G = 4, N = 4).
+With `seed_from_prompt` the prompt's own n-grams enter the pool at prefill (as prompt lookup would
+use them); the paper's pool starts empty.
 Everything is array code inside the jitted step.
 """
 
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spec_jax import sampling as sp
 from spec_jax.drafters.base import Drafter, DraftShape, PrefillContext, StepContext, StepResult
 from spec_jax.drafters.registry import Built, Option, register
 from spec_jax.errors import InvalidArgumentError
@@ -56,7 +59,14 @@ class Lookahead(Drafter):
     def shape(self) -> DraftShape:
         # Accepted nodes come from the verification trie only (depth <= N-1); the lookahead branch
         # reaches deeper but is never accepted.
-        return DraftShape(nodes=(self.candidates + self.window) * (self.ngram - 1), depth=self.ngram - 1)
+        return DraftShape(nodes=(self.candidates + self.window) * (self.ngram - 1), depth=self.ngram - 1,
+                          verified=self.candidates * (self.ngram - 1))
+
+    @property
+    def observed_logits(self) -> tuple[int, ...]:
+        # Of the lookahead branch, only the top level's logits are read (its argmax is the next top level).
+        G, L, W = self.candidates, self.ngram - 1, self.window
+        return tuple(range(1 + G * L + (L - 1) * W, 1 + G * L + L * W))
 
     def _lookahead_shape(self):
         """Parents (-1 = root, indices within the branch) and depths of the lookahead branch."""
@@ -125,8 +135,8 @@ class Lookahead(Drafter):
 
     def observe(self, weights, state, result: StepResult):
         G, L, W = self.candidates, self.ngram - 1, self.window
-        top_slots = 1 + G * L + (L - 1) * W + np.arange(W)  # the top lookahead level's slots
-        new = jnp.argmax(result.logits_BxTxV[:, top_slots], axis=-1).astype(jnp.int32)  # [B, W]
+        # The logits after the root's and the verified nodes' are the top lookahead level's (`observed_logits`).
+        new = sp.argmax(result.logits_BxTxV[:, 1 + G * L:])  # [B, W]
         window = state["window"]
         grams = jnp.concatenate([window, new[:, None]], axis=1)  # [B, N, W]: column j is an n-gram
         # Pool only n-grams whose continuation the target made (the window starts as prompt tokens).

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spec_jax import sampling as sp
 from spec_jax.checks import token_ids_in_range
 from spec_jax.drafters.base import StepContext, StepResult, TemplateDrafter, load_int_array
 from spec_jax.drafters.registry import Built, Option, register
@@ -90,7 +91,9 @@ class TokenRecycling(TemplateDrafter):
     def observe(self, weights, state, result: StepResult):
         fed_valid_BxT = jnp.concatenate([jnp.ones_like(result.tree.valid[:, :1]), result.tree.valid], axis=1)
         fed_valid_BxT &= result.active_B[:, None]
-        top_BxTxK = jax.lax.top_k(result.logits_BxTxV, self.k)[1].astype(jnp.int32)
+        # Every fed token's row is overwritten (the reference implementation's `adj_matrix[input_ids] =
+        # topk(logits)`), so every slot's top-k is needed; `sp.top_k` finds it blockwise, exactly.
+        top_BxTxK = sp.top_k(result.logits_BxTxV, self.k)[1].astype(jnp.int32)
         return {**state, "M": update_matrix(state["M"], result.inputs_BxT, top_BxTxK, fed_valid_BxT)}
 
 

@@ -82,7 +82,7 @@ def test_bench_end_to_end_on_tiny_model(tiny_hf_dir, tmp_path):
     assert info["versions"]["jax"] == jax.__version__ and info["methods"] == ["ar", "pld"]
 
 
-def test_batched_bench_matches_batch_one_and_sweeps(tiny_hf_dir, tmp_path, capsys):
+def test_batched_bench_matches_batch_one_and_sweeps(tiny_hf_dir, tmp_path):
     """--batch-size 2 over 3 questions (a ragged last batch) and both turns: every method's greedy output is
     the batch-1 output token for token; speed is throughput; the sweep table and plot cover both runs."""
     from spec_jax.bench.report import write_batch_sweep
@@ -92,7 +92,6 @@ def test_batched_bench_matches_batch_one_and_sweeps(tiny_hf_dir, tmp_path, capsy
               "--categories", "writing,coding,math", "--per-category", "1", "--max-new-tokens", "12"]
     for b in (1, 2):
         assert main([*common, "--batch-size", str(b), "--out", str(tmp_path / f"b{b}")]) == 0
-    capsys.readouterr()
     for m in ("ar", "token_recycling"):
         rows = {b: [json.loads(line) for line in (tmp_path / f"b{b}" / f"{m}.jsonl").read_text().splitlines()]
                 for b in (1, 2)}

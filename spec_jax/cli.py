@@ -59,9 +59,7 @@ def cmd_generate(args) -> int:
     engine, budget = run.engine, run.budget
     lead = _is_lead()
     if budget and not args.json and lead:
-        print(f"[budget] {budget['nodes']}-node tree" + (
-            f" (depth {budget['depth']}, expected tau {budget['expected_tau']:.2f})" if "depth" in budget else ""),
-            file=sys.stderr)
+        print(f"[budget] {_budget_line(budget)}", file=sys.stderr)
 
     printed = [""]
 
@@ -74,12 +72,12 @@ def cmd_generate(args) -> int:
 
     phases = args.json if args.phase_timing is None else args.phase_timing
     gen = generate(engine, target.params, [prompt], args.max_new_tokens, seed=args.seed, weights=run.built.weights,
-                   carry=run.carry, stream=None if args.json else stream, time_phases=phases)
+                   carry=run.built.carry, stream=None if args.json else stream, time_phases=phases)
     ids = gen.token_ids[0]
     stats = {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "method": args.method,
              **gen.stats(), "seconds_total": round(time.perf_counter() - t0, 3)}
     if budget:
-        stats["budget"] = {k: v for k, v in budget.items() if k not in ("curve", "cost_seconds")}
+        stats["budget"] = {k: v for k, v in budget.items() if k != "curve"}
     if lead and args.json:
         print(json.dumps(stats))
     elif lead:
@@ -106,6 +104,19 @@ def summary_line(method: str, stats: dict) -> str:
         line += (f"then {decoded} in {stats['decode_seconds']:.2f} s = "
                  f"{'n/a' if rate is None else f'{rate:.1f}'} tok/s decoding, ")
     return line + f"tau {stats['tau']:.2f}, {stats['target_forwards']} target forwards"
+
+
+def _budget_line(budget: dict) -> str:
+    """What `--budget` chose, and for 'auto' whether it was calibrated now or taken from the cache."""
+    text = f"{budget['nodes']}-node tree"
+    if "depth" in budget:
+        text += f" (depth {budget['depth']}, expected tau {budget['expected_tau']:.2f})"
+    if budget.get("cached"):
+        text += ", calibrated earlier for this model, device and method (--recalibrate measures again)"
+    elif "calibration_seconds" in budget:
+        text += f", calibrated in {budget['calibration_seconds']:.0f}s" + (
+            "; cached for the next runs" if budget.get("cache_file") else "")
+    return text
 
 
 def _say(args, text: str) -> None:

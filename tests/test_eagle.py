@@ -177,7 +177,7 @@ def test_budget_keeps_the_best_nodes(tiny, prompts):
     params, cfg = tiny
     weights = _scaled(init_eagle(cfg, jax.random.key(1)))
     engine = Engine(cfg, Eagle(tree=DynamicTree(depth=3, width=3, k=3, budget=12)))
-    small, _, report = apply_budget(engine, 5, params, weights=weights)
+    small, report = apply_budget(engine, 5, params, weights=weights)
     assert small.drafter.shape.nodes == 5 and report == {"nodes": 5}
     ar = generate(Engine(cfg), params, prompts, 12).token_ids
     assert generate(small, params, prompts, 12, weights=weights).token_ids == ar

@@ -142,7 +142,7 @@ def test_greedy_exact(variant, single, tiny, prompts):
 def test_budget_prunes_the_tree(tiny):
     params, cfg = tiny
     drafter, weights = _variant("prefix-reduced-vocab", params, cfg)
-    engine, _, report = apply_budget(Engine(cfg, drafter), 6, params, weights=weights)
+    engine, report = apply_budget(Engine(cfg, drafter), 6, params, weights=weights)
     assert report == {"nodes": 6} and engine.drafter.shape.nodes == 6 and isinstance(engine.drafter, Hydra)
     assert set(engine.drafter.paths) <= set(MEDUSA_TREES["sim_16"]) and engine.drafter.prefix_layer
 

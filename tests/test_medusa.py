@@ -130,15 +130,15 @@ def test_propose_fills_depth_d_from_head_d_minus_1(tiny):
 def test_budget_prunes_the_tree(tiny, prompts):
     params, cfg = tiny
     heads = init_heads(cfg, 4, jax.random.key(1), scale=0.3)
-    engine, _, report = apply_budget(Engine(cfg, Medusa()), 6, params, weights=heads)
+    engine, report = apply_budget(Engine(cfg, Medusa()), 6, params, weights=heads)
     assert report == {"nodes": 6} and engine.drafter.shape.nodes == 6 and isinstance(engine.drafter, Medusa)
     assert set(engine.drafter.paths) <= set(MC_SIM_7B_63)
     ar = generate(Engine(cfg), params, prompts, 16).token_ids
     assert generate(engine, params, prompts, 16, weights=heads).token_ids == ar
     # --budget auto: calibrated on the heads' acceptance, with verification that costs a step per token.
     steep = {t: 0.01 * t for t in range(1, 18)}
-    auto, report, _ = auto_budget(Engine(cfg, Medusa(paths=MEDUSA_TREES["sim_16"])), params, prompts, weights=heads,
-                                  max_new_tokens=16, cost=steep)
+    auto, report = auto_budget(Engine(cfg, Medusa(paths=MEDUSA_TREES["sim_16"])), params, prompts, weights=heads,
+                               max_new_tokens=16, cost=steep, probes=0, use_cache=False)
     assert 1 <= report["nodes"] < 16 and auto.drafter.shape.nodes == report["nodes"]
     assert generate(auto, params, prompts, 16, weights=heads).token_ids == ar
 

@@ -124,7 +124,7 @@ def _worker_ours(spec: dict) -> dict:
     max_new = spec["max_new_tokens"]
     size = engine.cache_size(spec["max_prompt_tokens"], max_new)
     seen, warm = set(), [0.0]
-    state = {"carry": run.carry}  # drafters that learn while decoding (Token Recycling) carry what they
+    state = {"carry": run.built.carry}  # drafters that learn while decoding (Token Recycling) carry what they
     # learned from question to question, starting from their initial carry, not from warm-up runs
 
     def answer(batch):
@@ -132,7 +132,7 @@ def _worker_ours(spec: dict) -> dict:
         if shape not in seen:  # compile for this batch size and prompt-length bucket, untimed
             seen.add(shape)
             t = time.perf_counter()
-            generate(engine, params, batch, 2, weights=weights, carry=run.carry, cache_size=size)
+            generate(engine, params, batch, 2, weights=weights, carry=run.built.carry, cache_size=size)
             warm[0] += time.perf_counter() - t
         g = generate(engine, params, batch, max_new, weights=weights, carry=state["carry"], cache_size=size)
         state["carry"] = g.carry
@@ -152,9 +152,9 @@ def _worker_ours(spec: dict) -> dict:
     first = [encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])
              for q in spec["questions"][: spec.get("batch_size", 1)]]
     t = time.perf_counter()
-    generate(engine, params, first, 4, weights=weights, carry=run.carry, cache_size=size, time_phases=True)
+    generate(engine, params, first, 4, weights=weights, carry=run.built.carry, cache_size=size, time_phases=True)
     warm[0] += time.perf_counter() - t
-    g = generate(engine, params, first, max_new, weights=weights, carry=run.carry, cache_size=size,
+    g = generate(engine, params, first, max_new, weights=weights, carry=run.built.carry, cache_size=size,
                  time_phases=True)
     steps = max(max(g.target_forwards) - 1, 1)
     phases = {"draft_ms_per_step": 1e3 * g.draft_seconds / steps, "verify_ms_per_step": 1e3 * g.verify_seconds / steps,

@@ -1,23 +1,56 @@
-"""`--budget auto`: size a tree drafter's tree for this device (see `policies.budget`).
+"""`--budget auto`: size a tree drafter's tree for this device, once per model, device and drafter.
 
-A calibration run with the drafter's largest tree records how often each node slot is accepted
-and how long drafting takes; together with the measured cost of verifying T tokens on this device
-that gives the tree size with the most expected tokens per second, and the drafter is pruned to it
-(`Drafter.pruned`: a static template keeps its most accepted nodes, a dynamic tree its budget).
+Calibration decodes the calibration prompts with the drafter's largest tree from the state the run
+itself starts from (its `carry`), carried from prompt to prompt as a run of requests carries it: the
+first prompt warms the state (Token Recycling's matrix fills from zeros; the suffix automaton sees
+text) and compiles, the next ones count how often each node slot is accepted and time the steps.
+With the measured cost of verifying T tokens on this device (`policies.budget`) that gives the
+expected tokens per second of every sub-tree. The best one is then decoded and timed (a probe), the
+model of what a step costs beyond the target forward refitted, and the choice made again, at most
+`PROBES` times: the drafter's update and verification cost time that grows with the tree, and only
+measuring the step says how much.
+
+Why calibrate once rather than adapt the budget while decoding: a tree is a static shape of the jitted
+step, so every size tried online would compile a program in the middle of the user's run (seconds
+each on a CPU), and once pruned the run no longer sees how often the nodes outside its tree would be
+accepted, so it would have to keep verifying the large tree it is trying to avoid. A calibration that
+is measured once and cached costs nothing on later runs.
+
+The choice (node count and the per-slot rates the tree is pruned by) is cached on disk, keyed by the
+model's files and shapes, the device kind, the jax version, the drafter's settings, its trained weights,
+the sampling and the calibration itself; a later run prunes from the cached rates and decodes nothing
+before its own prompt. `--recalibrate` measures again. The decoding that follows starts from the
+state the run was given, not from calibration's warmed copy, so a calibrating run and a cached run
+decode alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import time
 
 import jax
 import numpy as np
 
 from spec_jax.decoding.engine import Engine
-from spec_jax.decoding.generate import generate
+from spec_jax.decoding.generate import Generation, generate
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.metrics import tau
-from spec_jax.policies.budget import choose_budget, measure_forward_cost
+from spec_jax.policies.budget import (
+    cache_file,
+    choose_budget,
+    fit_overhead,
+    measure_forward_cost,
+    read_cache,
+    write_cache,
+)
+
+WARMUP_PROMPTS = 1  # calibration prompts that only warm the drafter's state (and compile the large tree)
+PROBES = 2  # sub-trees decoded and timed to refit the cost of a step
+CALIBRATION_TOKENS = 128  # new tokens per calibration prompt
+CALIBRATION_VERSION = 2  # in the cache key: bump when calibration changes what it measures
 
 
 def parse_budget(text) -> int | str | None:
@@ -35,62 +68,222 @@ def parse_budget(text) -> int | str | None:
     return n
 
 
-def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, calibration=None):
-    """`--budget N|auto` for drafters with a prunable static tree: (engine, carry, report or None).
+def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, calibration=None, model_id=None,
+                 recalibrate: bool = False, progress: bool = False) -> tuple[Engine, dict | None]:
+    """`--budget N|auto` for drafters with a prunable static tree: (engine, report or None).
 
-    A fixed N keeps the N nodes of the template that its own rank prior ranks first; 'auto' measures
-    (see `auto_budget`) on the `calibration` prompts.
+    A fixed N keeps the N nodes of the template that its own rank prior ranks first; 'auto' takes the
+    choice cached for this model, device and drafter, else calibrates on the `calibration` prompts (see
+    `auto_budget`).
     """
     budget = parse_budget(budget)
     if budget is None:
-        return engine, carry, None
+        return engine, None
     drafter = engine.drafter
     if not drafter.prunable:
         raise InvalidArgumentError(f"--budget applies to methods with a prunable tree; {drafter.name} has "
                                    "none (`spec-jax methods` describes each method)")
     drafter.pruned(drafter.shape.nodes)  # refuses a tree it cannot prune before any calibration
     if budget == "auto":
-        engine, report, carry = auto_budget(engine, params, calibration, weights=weights, carry=carry)
-        return engine, carry, report
+        return auto_budget(engine, params, calibration, weights=weights, carry=carry, model_id=model_id,
+                           recalibrate=recalibrate, progress=progress)
     if budget > drafter.shape.nodes:
         raise InvalidArgumentError(f"--budget {budget} must be between 1 and the tree's {drafter.shape.nodes} nodes")
-    return dataclasses.replace(engine, drafter=drafter.pruned(budget)), carry, {"nodes": budget}
+    return dataclasses.replace(engine, drafter=drafter.pruned(budget)), {"nodes": budget}
 
 
 def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights=None, carry=None,
-                max_new_tokens: int = 96, cost: dict[int, float] | None = None):
-    """(engine with the pruned template, report, carry after calibration).
+                max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
+                model_id=None, use_cache: bool = True, recalibrate: bool = False,
+                progress: bool = False) -> tuple[Engine, dict]:
+    """(engine with the pruned tree, report): the cached choice, else a calibration (then cached).
 
-    Drafters that learn while decoding (Token Recycling) come out of the calibration warm: the
-    returned carry holds what they learned.
+    `carry` is the drafter state the run starts from; calibration warms a copy of it. `cost` replaces the
+    measured verification cost (tests: then `probes=0`, as measured steps would not match it); `model_id`
+    names the target's files (`models.registry.model_fingerprint`), without which the cache tells models
+    apart by shapes alone. `progress` shows progress bars on stderr.
     """
     if jax.process_count() > 1:
         raise InvalidArgumentError("--budget auto times this host alone, and the hosts of a multi-host run must "
                                    "agree on one tree: pass a fixed --budget N (e.g. the one a single-host run chose)")
+    if not calibration:
+        raise InvalidArgumentError("--budget auto needs calibration prompts")
+    drafter = engine.drafter
+    path = choice_file(engine, params, weights, calibration, max_new_tokens, cost, probes, model_id)
+    if use_cache and not recalibrate:
+        cached = read_cache(path, f"{drafter.name} budget", lambda data: _parse_choice(data, drafter))
+        if cached is not None:
+            pruned, report = cached
+            return dataclasses.replace(engine, drafter=pruned), {**report, "cached": True, "cache_file": str(path)}
+    t0 = time.perf_counter()
+    n, rates, report = calibrate(engine, params, calibration, weights=weights, carry=carry,
+                                 max_new_tokens=max_new_tokens, cost=cost, probes=probes, progress=progress)
+    report["calibration_seconds"] = time.perf_counter() - t0
+    if use_cache:
+        write_cache(path, {"method": drafter.name, "choice": n, "rates": rates.tolist(), "report": report},
+                    f"{drafter.name} budget")
+    return (dataclasses.replace(engine, drafter=drafter.pruned(n, rates)),
+            {**report, "cached": False, "cache_file": str(path) if use_cache else None})
+
+
+def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None, carry=None,
+              max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
+              progress: bool = False) -> tuple[int, np.ndarray, dict]:
+    """(node count to prune to, acceptance rate of every node slot of the drafter's tree, report); see the module
+    docstring for the plan. Decodes one prompt at a time: costs are measured for batch 1."""
+    from tqdm import tqdm
+
     drafter = engine.drafter
     N = drafter.shape.nodes
-    hits, steps, draft_s, new, forwards, runs = np.zeros(N), 0, 0.0, 0, 0, 0
-    for i, prompt in enumerate(calibration):  # one at a time: costs are measured for batch 1
-        gen = generate(engine, params, [prompt], max_new_tokens, weights=weights, carry=carry, time_phases=True)
-        carry = gen.carry
-        if i == 0 and len(calibration) > 1:
-            continue  # the first run compiles the step halves; its times are not representative
-        hits += np.asarray(gen.node_hits)
-        steps += gen.target_forwards[0] - 1
-        new, forwards, runs = new + gen.new_tokens, forwards + gen.target_forwards[0], runs + 1
-        draft_s += gen.draft_seconds
-    rates = hits / max(steps, 1)
-    cost = cost or measure_forward_cost(params, engine.cfg, sizes=_sizes(N + 1), mesh=engine.mesh)
-    n, curve = choose_budget(rates, cost, draft_s / max(steps, 1))
-    pruned = drafter.pruned(n, rates)
-    report = {"nodes": pruned.shape.nodes, "depth": pruned.shape.depth, "of_nodes": N,
-              "expected_tau": next(c["expected_tau"] for c in curve if c["nodes"] == n),
-              "calibration_tau": tau(new, forwards, runs), "draft_seconds_per_step": draft_s / max(steps, 1),
-              "cost_seconds": cost, "curve": curve}
-    return dataclasses.replace(engine, drafter=pruned), report, carry
+    if cost is None:
+        cost = _forward_cost(engine, params, N, progress)
+    k = min(WARMUP_PROMPTS, len(prompts) - 1)
+    rate_prompts = prompts[k: max(k + 1, len(prompts) - probes)]
+    spare = prompts[k + len(rate_prompts):] or prompts
+    size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
+    planned = (k + len(rate_prompts) + probes) * max_new_tokens
+    bar = tqdm(total=planned, desc=f"budget auto: warming up {drafter.name}", unit="tok", disable=not progress,
+               leave=False)
+
+    def decode(eng: Engine, prompt: list[int], state) -> Generation:
+        done = [0]
+
+        def stream(outs):
+            bar.update(len(outs[0]) - done[0])
+            done[0] = len(outs[0])
+
+        gen = generate(eng, params, [prompt], max_new_tokens, weights=weights, carry=state, cache_size=size,
+                       stream=stream if progress else None)
+        bar.update(max_new_tokens - done[0])  # a run that ended early (end of sequence) still did its share
+        return gen
+
+    def compile_(eng: Engine) -> None:  # one step, so that no timed run includes compilation
+        generate(eng, params, [prompts[0]], 2, weights=weights, carry=carry, cache_size=size)
+
+    with bar:
+        for prompt in prompts[:k]:
+            carry = decode(engine, prompt, carry).carry
+        bar.set_description(f"budget auto: acceptance of {drafter.name}'s {N}-node tree")
+        compile_(engine)
+        hits, steps, new, seconds = np.zeros(N), 0, 0, 0.0
+        for prompt in rate_prompts:
+            gen = decode(engine, prompt, carry)
+            carry = gen.carry
+            hits += np.asarray(gen.node_hits)
+            steps += gen.target_forwards[0] - 1
+            new += gen.new_tokens
+            seconds += gen.seconds - gen.prefill_seconds
+        rates = hits / max(steps, 1)
+        timed = {N: {"nodes": N, "step_seconds": seconds / max(steps, 1),
+                     "tau": tau(new, steps + len(rate_prompts), len(rate_prompts))}}
+        n, curve = _choose(rates, cost, timed)
+        for i in range(probes):
+            tree = drafter.pruned(n, rates)
+            if tree.shape.nodes in timed:
+                break
+            bar.set_description(f"budget auto: timing a {tree.shape.nodes}-node tree")
+            probe = dataclasses.replace(engine, drafter=tree)
+            compile_(probe)
+            gen = decode(probe, spare[i % len(spare)], carry)
+            carry = gen.carry
+            if gen.target_forwards[0] > 1:
+                timed[tree.shape.nodes] = {"nodes": tree.shape.nodes, "tau": gen.tau,
+                                            "step_seconds": (gen.seconds - gen.prefill_seconds) /
+                                            (gen.target_forwards[0] - 1)}
+            n, curve = _choose(rates, cost, timed)
+        bar.total = bar.n  # probes that were not needed
+    tree = drafter.pruned(n, rates)
+    best = next(c for c in curve if c["nodes"] == n)
+    report = {"nodes": tree.shape.nodes, "depth": tree.shape.depth, "of_nodes": N,
+              "expected_tau": best["expected_tau"], "expected_tokens_per_second": best["tokens_per_second"],
+              "calibration_tau": timed[N]["tau"], "probes": [timed[m] for m in sorted(timed)],
+              "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "curve": curve}
+    return n, rates, report
+
+
+def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict]) -> tuple[int, list[dict]]:
+    return choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost))
+
+
+def _step_seconds(timed: dict[int, dict]) -> dict[int, float]:
+    return {m: t["step_seconds"] for m, t in timed.items()}
+
+
+def _forward_cost(engine: Engine, params, nodes: int, progress: bool) -> dict[int, float]:
+    """This device's cost of a target forward over 1 .. nodes + 1 tokens (cached per model and device)."""
+    from tqdm import tqdm
+
+    sizes = _sizes(nodes + 1)
+    bar = None
+
+    def measured(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # only when sizes are measured, not read from the cache
+            bar = tqdm(total=total, desc=f"budget auto: timing this device's forward over 1-{sizes[-1]} tokens",
+                       unit="size", disable=not progress, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        return measure_forward_cost(params, engine.cfg, sizes=sizes, mesh=engine.mesh, on_size=measured)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _sizes(max_tokens: int) -> tuple[int, ...]:
     """Token counts at which to measure the forward cost (interpolated in between)."""
     base = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128]
     return tuple(sorted({t for t in base if t < max_tokens} | {max_tokens}))
+
+
+# ----------------------------------------------------------------------------- the cached choice
+
+def choice_file(engine: Engine, params, weights, calibration: list[list[int]], max_new_tokens: int,
+                cost: dict[int, float] | None = None, probes: int = PROBES, model_id=None):
+    """Where the `--budget auto` choice for this model, device, drafter (settings and weights), sampling and
+    calibration is cached. The drafter's carried state (Token Recycling's matrix) is not part of the key:
+    calibration warms whatever it starts from."""
+    key = json.dumps([CALIBRATION_VERSION, model_id, _settings(engine.drafter), _settings(engine.sampling),
+                      engine.verify_mode, _fingerprint(weights), calibration, max_new_tokens,
+                      sorted(cost.items()) if cost else None, probes])
+    return cache_file(engine.cfg, params, engine.mesh, prefix=f"{engine.drafter.name}-", extra=key)
+
+
+def _parse_choice(data: dict, drafter):
+    """(pruned drafter, report) from a cache entry, or ValueError when it does not fit this drafter."""
+    N = drafter.shape.nodes
+    rates = np.asarray(data["rates"], np.float64)
+    n = data["choice"]
+    if rates.shape != (N,) or not np.all(np.isfinite(rates)) or not isinstance(n, int) or not 1 <= n <= N:
+        raise ValueError(f"not a choice for a {N}-node tree")
+    report = dict(data["report"])
+    pruned = drafter.pruned(n, rates)
+    if pruned.shape.nodes != report["nodes"]:
+        raise ValueError(f"the cached tree has {report['nodes']} nodes, pruning gives {pruned.shape.nodes}")
+    return pruned, report
+
+
+def _settings(obj):
+    """A drafter's (or any static dataclass's) settings as plain JSON values; other objects by their `fingerprint()`
+    (e.g. the suffix automaton's static corpus), else by type."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [type(obj).__name__, {f.name: _settings(getattr(obj, f.name)) for f in dataclasses.fields(obj)}]
+    if isinstance(obj, (list, tuple)):
+        return [_settings(x) for x in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    fingerprint = getattr(obj, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else type(obj).__name__
+
+
+def _fingerprint(weights) -> str | None:
+    """sha256 of trained drafter weights (names, shapes, dtypes and values): retrained heads are a new drafter."""
+    leaves = jax.tree_util.tree_leaves_with_path(weights)
+    if not leaves:
+        return None
+    h = hashlib.sha256()
+    for path, x in leaves:
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any
 
 import jax
 
@@ -69,7 +68,10 @@ def add_method_args(p: argparse.ArgumentParser, method_flag: bool = True) -> Non
                            help=text)
     g.add_argument("--budget", default=None, type=_budget,
                    help="tree size of methods with a prunable static tree: a node count, or 'auto' to measure this "
-                        "device's verification cost and the drafter's acceptance on calibration prompts")
+                        "device's verification cost and the drafter's acceptance on calibration prompts (once per "
+                        "model, device and method: the choice is cached under $SPEC_JAX_CACHE, ~/.cache/spec_jax)")
+    g.add_argument("--recalibrate", action="store_true",
+                   help="with --budget auto: calibrate again instead of taking the cached choice")
     g.add_argument("--verify", default="lossless", choices=VERIFY_MODES,
                    help="'lossless' (default) or 'typical': Medusa-2's typical acceptance, LOSSY (the output is "
                         "no longer the target's distribution)")
@@ -150,7 +152,10 @@ def check_method_args(name: str, args, cfg=None) -> list[str]:
                                    f"{name} has none")
     own = {o.name for o in registry.get(name).options}
     table = registry.all_options()
-    return [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]
+    ignored = [table[k][0].flag for k, v in method_values(args).items() if v is not None and k not in own]
+    if getattr(args, "recalibrate", False) and parse_budget(getattr(args, "budget", None)) != "auto":
+        ignored.append("--recalibrate (it applies to --budget auto)")
+    return ignored
 
 
 def load_target(model, dtype: str, mesh=None, cfg=None) -> registry.Target:
@@ -168,14 +173,15 @@ def load_target(model, dtype: str, mesh=None, cfg=None) -> registry.Target:
 @dataclasses.dataclass
 class Prepared:
     engine: Engine
-    built: registry.Built
-    carry: Any  # the carry after any calibration
+    built: registry.Built  # the drafter as built (its tree before any --budget), weights, carry, save hook
     budget: dict | None  # what `--budget` chose, if given
 
 
 def prepare(name: str, args, target: registry.Target, sampling: Sampling | None = None) -> Prepared:
-    """Build method `name` from the flags, wrap it in an engine on the target's mesh, size its tree."""
-    from spec_jax.text import calibration_prompts
+    """Build method `name` from the flags, wrap it in an engine on the target's mesh, size its tree (`--budget`;
+    'auto' takes the choice cached for this model, device and method, else calibrates with a progress bar)."""
+    from spec_jax.models.registry import model_fingerprint
+    from spec_jax.text import CALIBRATION_PROMPTS, calibration_prompts
 
     built = registry.build(name, method_values(args), target)
     engine = Engine(cfg=target.cfg, drafter=built.drafter, sampling=sampling or Sampling(),
@@ -184,7 +190,11 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
         print(f"spec-jax: warning: --verify {engine.verify_mode} is LOSSY: the output is not the target "
               "model's greedy text or distribution", file=sys.stderr)
     budget = getattr(args, "budget", None)
-    calib = calibration_prompts(target.tokenizer, 3) if parse_budget(budget) == "auto" else None
-    engine, carry, report = apply_budget(engine, budget, target.params, weights=built.weights, carry=built.carry,
-                                         calibration=calib)
-    return Prepared(engine=engine, built=built, carry=carry, budget=report)
+    auto = parse_budget(budget) == "auto"
+    model = getattr(args, "model", None)
+    engine, report = apply_budget(
+        engine, budget, target.params, weights=built.weights, carry=built.carry,
+        calibration=calibration_prompts(target.tokenizer, len(CALIBRATION_PROMPTS)) if auto else None,
+        model_id=model_fingerprint(model) if auto and model is not None else None,
+        recalibrate=getattr(args, "recalibrate", False), progress=jax.process_index() == 0)
+    return Prepared(engine=engine, built=built, budget=report)

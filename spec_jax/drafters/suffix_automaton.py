@@ -24,6 +24,7 @@ Recycling]", with the static tree shape a jitted step needs. A match in the stat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
@@ -156,6 +157,13 @@ class SAMHost:
         self.rows: list[_Sequence] = []
         self.seconds = 0.0
         self.calls = 0
+
+    def fingerprint(self) -> str:
+        """The static corpus, hashed (what the host side brings to the drafts besides the request itself): keys
+        what is cached about the drafter's acceptance (`--budget auto`)."""
+        if self.corpus is None:
+            return "no corpus"
+        return hashlib.sha256(np.asarray(self.corpus.text, np.int64).tobytes()).hexdigest()
 
     def draft(self, tokens_BxS, lengths_B, k: int, corpus_bias: int):
         """(draft [B, k], valid [B, k], match length [B]) for the texts tokens[b, :lengths[b] + 1]."""

@@ -97,9 +97,16 @@ def check_tokenizer_fits(tok, cfg: Config, model) -> None:
                               f"{cfg.vocab_size}; the tokenizer belongs to another model")
 
 
+def model_fingerprint(model: str | os.PathLike) -> str:
+    """Which files a model is: path, size and modification time of its file (GGUF) or of every file in its
+    directory; keys what spec-jax caches about a model (its converted tokenizer, its `--budget auto` choices)."""
+    path = resolve(model)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def _tokenizer_cache_dir(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    key = hashlib.sha1(model_fingerprint(gguf_path).encode()).hexdigest()
     return cache_root() / "tokenizers" / key[:16]
 
 

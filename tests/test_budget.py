@@ -147,6 +147,19 @@ def test_overhead_fit_recovers_the_step_cost_and_shrinks_the_tree():
     assert fit_overhead({80: interpolate_cost(cost, 81) + 0.0081}, cost) == (pytest.approx(1e-4), pytest.approx(1e-4))
 
 
+def test_measured_acceptance_of_a_small_tree_scales_the_prediction():
+    """A probe that accepted half the predicted tokens at 4 nodes (1 at the full tree, where the rates were
+    measured): the expected tau follows the interpolated scale, and the choice moves to a larger tree."""
+    cost = {1: 0.020, 41: 0.060}
+    rates = 0.85 ** np.arange(1, 41)
+    plain, plain_curve = choose_budget(rates, cost)
+    scaled, curve = choose_budget(rates, cost, scale={4: 0.5, 40: 1.0})
+    for c, p in zip(curve, plain_curve, strict=True):
+        s = np.interp(c["nodes"], [4, 40], [0.5, 1.0])
+        assert c["expected_tau"] - 1 == pytest.approx(s * (p["expected_tau"] - 1))
+    assert scaled > plain
+
+
 def test_calibration_times_the_chosen_trees_and_stays_greedy_exact(tiny, cache, monkeypatch, capsys):
     """With step times that follow a known model (cost + a + b * nodes), the probes find it: the choice is the
     best tree under that model, whatever the first guess was."""
@@ -165,10 +178,11 @@ def test_calibration_times_the_chosen_trees_and_stays_greedy_exact(tiny, cache, 
                                       progress=True)
     assert "budget auto: " in capsys.readouterr().err  # the progress bar says what it does
     rates = np.array(json.loads(Path(report["cache_file"]).read_text())["rates"])
-    want, _ = choose_budget(rates, STEEP, (a, b))
+    probes = report["probes"]
+    want, _ = choose_budget(rates, STEEP, (a, b), scale={p["nodes"]: p["scale"] for p in probes})
     assert report["nodes"] == engine.drafter.shape.nodes == want
-    timed_nodes = [p["nodes"] for p in report["probes"]]
-    assert timed_nodes[-1] == TR.shape.nodes and 2 <= len(timed_nodes) <= 1 + auto.PROBES
+    assert probes[-1]["nodes"] == TR.shape.nodes and probes[-1]["scale"] == 1.0
+    assert 2 <= len(probes) <= 1 + auto.PROBES and all(p["scale"] > 0 for p in probes)
     assert report["overhead_seconds"] == [pytest.approx(a), pytest.approx(b)]
     monkeypatch.setattr(auto, "generate", real)
     ar = generate(Engine(cfg), params, PROMPTS, 24).token_ids

@@ -5,10 +5,18 @@ itself starts from (its `carry`), carried from prompt to prompt as a run of requ
 first prompt warms the state (Token Recycling's matrix fills from zeros; the suffix automaton sees
 text) and compiles, the next ones count how often each node slot is accepted and time the steps.
 With the measured cost of verifying T tokens on this device (`policies.budget`) that gives the
-expected tokens per second of every sub-tree. The best one is then decoded and timed (a probe), the
-model of what a step costs beyond the target forward refitted, and the choice made again, at most
-`PROBES` times: the drafter's update and verification cost time that grows with the tree, and only
-measuring the step says how much.
+expected tokens per second of every sub-tree. The best one is then decoded and timed (a probe) on one
+of those prompts again (greedy decoding writes the same text whatever the tree, so the two runs differ
+only in the tree), two predictions are corrected from what it measured, and the choice made again, at
+most `PROBES` times:
+
+- the time a step takes beyond the target forward (drafting, verification, the drafter's update),
+  which grows with the tree (`policies.budget.fit_overhead`);
+- the tokens a sub-tree commits: a drafter whose state depends on its own tree may accept less with a
+  small tree than the large tree's rates say (Token Recycling refreshes the matrix row of every node
+  it verifies). On SmolLM2-135M the effect is small: a 2-node Token Recycling tree committed 0.97 of
+  the predicted accepted tokens on the same text. Re-decoding the same text is what makes the
+  comparison mean something: from one prompt to another, tau moves far more than that.
 
 Why calibrate once rather than adapt the budget while decoding: a tree is a static shape of the jitted
 step, so every size tried online would compile a program in the middle of the user's run (seconds
@@ -16,7 +24,7 @@ each on a CPU), and once pruned the run no longer sees how often the nodes outsi
 accepted, so it would have to keep verifying the large tree it is trying to avoid. A calibration that
 is measured once and cached costs nothing on later runs.
 
-The choice (node count and the per-slot rates the tree is pruned by) is cached on disk, keyed by the
+The choice (node count, the per-slot rates the tree is pruned by) is cached on disk, keyed by the
 model's files and shapes, the device kind, the jax version, the drafter's settings, its trained weights,
 the sampling and the calibration itself; a later run prunes from the cached rates and decodes nothing
 before its own prompt. `--recalibrate` measures again. The decoding that follows starts from the
@@ -27,7 +35,6 @@ decode alike.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 
@@ -36,6 +43,7 @@ import numpy as np
 
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.generate import Generation, generate
+from spec_jax.drafters.head_checkpoints import weights_fingerprint
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.metrics import tau
 from spec_jax.policies.budget import (
@@ -48,9 +56,10 @@ from spec_jax.policies.budget import (
 )
 
 WARMUP_PROMPTS = 1  # calibration prompts that only warm the drafter's state (and compile the large tree)
-PROBES = 2  # sub-trees decoded and timed to refit the cost of a step
+RATE_PROMPTS = 3  # then prompts decoded with the large tree: acceptance per node slot, step time
+PROBES = 2  # then sub-trees decoded and timed, to correct the model of step time and acceptance
 CALIBRATION_TOKENS = 128  # new tokens per calibration prompt
-CALIBRATION_VERSION = 2  # in the cache key: bump when calibration changes what it measures
+CALIBRATION_VERSION = 3  # in the cache key: bump when calibration changes what it measures
 
 
 def parse_budget(text) -> int | str | None:
@@ -138,12 +147,9 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
     if cost is None:
         cost = _forward_cost(engine, params, N, progress)
     k = min(WARMUP_PROMPTS, len(prompts) - 1)
-    rate_prompts = prompts[k: max(k + 1, len(prompts) - probes)]
-    spare = prompts[k + len(rate_prompts):] or prompts
     size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
-    planned = (k + len(rate_prompts) + probes) * max_new_tokens
-    bar = tqdm(total=planned, desc=f"budget auto: warming up {drafter.name}", unit="tok", disable=not progress,
-               leave=False)
+    bar = tqdm(total=(len(prompts) + probes) * max_new_tokens, desc=f"budget auto: warming up {drafter.name}",
+               unit="tok", disable=not progress, leave=False)
 
     def decode(eng: Engine, prompt: list[int], state) -> Generation:
         done = [0]
@@ -165,31 +171,31 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
             carry = decode(engine, prompt, carry).carry
         bar.set_description(f"budget auto: acceptance of {drafter.name}'s {N}-node tree")
         compile_(engine)
-        hits, steps, new, seconds = np.zeros(N), 0, 0, 0.0
-        for prompt in rate_prompts:
+        runs = []  # per prompt: (hits per node slot, decode steps, the run)
+        for prompt in prompts[k:]:
             gen = decode(engine, prompt, carry)
             carry = gen.carry
-            hits += np.asarray(gen.node_hits)
-            steps += gen.target_forwards[0] - 1
-            new += gen.new_tokens
-            seconds += gen.seconds - gen.prefill_seconds
-        rates = hits / max(steps, 1)
-        timed = {N: {"nodes": N, "step_seconds": seconds / max(steps, 1),
-                     "tau": tau(new, steps + len(rate_prompts), len(rate_prompts))}}
+            runs.append((np.asarray(gen.node_hits, np.float64), gen.target_forwards[0] - 1, gen))
+        steps = sum(r[1] for r in runs)
+        rates = sum(r[0] for r in runs) / max(steps, 1)
+        timed = {N: {"nodes": N, "step_seconds": sum(_decode_seconds(r[2]) for r in runs) / max(steps, 1),
+                     "tau": tau(sum(r[2].new_tokens for r in runs), steps + len(runs), len(runs)), "scale": 1.0}}
         n, curve = _choose(rates, cost, timed)
         for i in range(probes):
             tree = drafter.pruned(n, rates)
-            if tree.shape.nodes in timed:
+            m = tree.shape.nodes
+            if m in timed:
                 break
-            bar.set_description(f"budget auto: timing a {tree.shape.nodes}-node tree")
+            bar.set_description(f"budget auto: timing a {m}-node tree")
             probe = dataclasses.replace(engine, drafter=tree)
             compile_(probe)
-            gen = decode(probe, spare[i % len(spare)], carry)
+            hits, steps_j, _ = runs[i % len(runs)]
+            gen = decode(probe, prompts[k + i % len(runs)], carry)  # the same text again (greedy)
             carry = gen.carry
             if gen.target_forwards[0] > 1:
-                timed[tree.shape.nodes] = {"nodes": tree.shape.nodes, "tau": gen.tau,
-                                            "step_seconds": (gen.seconds - gen.prefill_seconds) /
-                                            (gen.target_forwards[0] - 1)}
+                predicted = (hits[np.argsort(-rates, kind="stable")[:m]] / max(steps_j, 1)).sum()
+                timed[m] = {"nodes": m, "step_seconds": _decode_seconds(gen) / (gen.target_forwards[0] - 1),
+                            "tau": gen.tau, "scale": (gen.tau - 1) / predicted if predicted > 0 else 1.0}
             n, curve = _choose(rates, cost, timed)
         bar.total = bar.n  # probes that were not needed
     tree = drafter.pruned(n, rates)
@@ -201,8 +207,14 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
     return n, rates, report
 
 
+def _decode_seconds(gen: Generation) -> float:
+    return gen.seconds - gen.prefill_seconds
+
+
 def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict]) -> tuple[int, list[dict]]:
-    return choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost))
+    """The best node count under the step cost and acceptance corrected by the trees timed so far."""
+    return choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost),
+                         scale={m: t["scale"] for m, t in timed.items()})
 
 
 def _step_seconds(timed: dict[int, dict]) -> dict[int, float]:
@@ -243,9 +255,10 @@ def choice_file(engine: Engine, params, weights, calibration: list[list[int]], m
     """Where the `--budget auto` choice for this model, device, drafter (settings and weights), sampling and
     calibration is cached. The drafter's carried state (Token Recycling's matrix) is not part of the key:
     calibration warms whatever it starts from."""
+    trained = weights_fingerprint(weights) if weights is not None else None
     key = json.dumps([CALIBRATION_VERSION, model_id, _settings(engine.drafter), _settings(engine.sampling),
-                      engine.verify_mode, _fingerprint(weights), calibration, max_new_tokens,
-                      sorted(cost.items()) if cost else None, probes])
+                      engine.verify_mode, trained, calibration, max_new_tokens, sorted(cost.items()) if cost else None,
+                      probes])
     return cache_file(engine.cfg, params, engine.mesh, prefix=f"{engine.drafter.name}-", extra=key)
 
 
@@ -274,16 +287,3 @@ def _settings(obj):
         return obj
     fingerprint = getattr(obj, "fingerprint", None)
     return fingerprint() if callable(fingerprint) else type(obj).__name__
-
-
-def _fingerprint(weights) -> str | None:
-    """sha256 of trained drafter weights (names, shapes, dtypes and values): retrained heads are a new drafter."""
-    leaves = jax.tree_util.tree_leaves_with_path(weights)
-    if not leaves:
-        return None
-    h = hashlib.sha256()
-    for path, x in leaves:
-        a = np.ascontiguousarray(np.asarray(x))
-        h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()

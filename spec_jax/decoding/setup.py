@@ -14,7 +14,7 @@ import sys
 import jax
 
 from spec_jax.checks import Range
-from spec_jax.decoding.budget import apply_budget, parse_budget
+from spec_jax.decoding.budget import RATE_PROMPTS, WARMUP_PROMPTS, apply_budget, parse_budget
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.verify import VERIFY_MODES
 from spec_jax.drafters import registry
@@ -181,7 +181,7 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
     """Build method `name` from the flags, wrap it in an engine on the target's mesh, size its tree (`--budget`;
     'auto' takes the choice cached for this model, device and method, else calibrates with a progress bar)."""
     from spec_jax.models.registry import model_fingerprint
-    from spec_jax.text import CALIBRATION_PROMPTS, calibration_prompts
+    from spec_jax.text import calibration_prompts
 
     built = registry.build(name, method_values(args), target)
     engine = Engine(cfg=target.cfg, drafter=built.drafter, sampling=sampling or Sampling(),
@@ -194,7 +194,7 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
     model = getattr(args, "model", None)
     engine, report = apply_budget(
         engine, budget, target.params, weights=built.weights, carry=built.carry,
-        calibration=calibration_prompts(target.tokenizer, len(CALIBRATION_PROMPTS)) if auto else None,
+        calibration=calibration_prompts(target.tokenizer, WARMUP_PROMPTS + RATE_PROMPTS) if auto else None,
         model_id=model_fingerprint(model) if auto and model is not None else None,
         recalibrate=getattr(args, "recalibrate", False), progress=jax.process_index() == 0)
     return Prepared(engine=engine, built=built, budget=report)

@@ -9,10 +9,12 @@ Two measurements meet here:
   greedy verification a node is accepted exactly when its own path matches the target, whatever
   else the tree holds, so a sub-tree S of the template commits 1 + sum_{i in S} rates[i] tokens per
   step in expectation, and costs one forward over |S| + 1 tokens plus the rest of the step (drafting,
-  verification, the drafter's update: `overhead`, a + b * |S| seconds, fitted to measured steps).
+  verification, the drafter's update: `overhead`, a + b * |S| seconds, fitted to measured steps). A
+  drafter with state (Token Recycling's matrix) accepts less with a sub-tree than the large tree's rates
+  say, so measured sub-trees also scale the rates (`scale` of `choose_budget`).
 
-The best budget n maximises (1 + sum of the n largest rates) / (cost(n + 1) + a + b * n); the n
-largest rates form a tree because a child is never accepted more often than its parent.
+The best budget n maximises (1 + s(n) * sum of the n largest rates) / (cost(n + 1) + a + b * n); the
+n largest rates form a tree because a child is never accepted more often than its parent.
 
 Measurements are cached under `cache_root()/budget`, one JSON file per model, device and (for a
 chosen budget) method: `cache_file` names them, `read_cache` and `write_cache` read and write them
@@ -154,16 +156,24 @@ def fit_overhead(step_seconds: dict[int, float], cost: dict[int, float]) -> tupl
 
 
 def choose_budget(rates: np.ndarray, cost: dict[int, float], overhead: tuple[float, float] = (0.0, 0.0),
-                  min_nodes: int = 1) -> tuple[int, list[dict]]:
-    """The number of nodes maximising expected tokens per second, and the curve it was chosen on; a step of n
-    nodes takes cost(n + 1) + a + b * n seconds for `overhead` (a, b) (see `fit_overhead`)."""
+                  scale: dict[int, float] | None = None, min_nodes: int = 1) -> tuple[int, list[dict]]:
+    """The number of nodes maximising expected tokens per second, and the curve it was chosen on.
+
+    A step of n nodes takes cost(n + 1) + a + b * n seconds for `overhead` (a, b) (see `fit_overhead`) and
+    commits 1 + s(n) * (sum of the n largest rates) tokens, where s interpolates `scale` {nodes: measured over
+    predicted accepted tokens} (1 without it): a drafter whose state depends on its own tree (Token
+    Recycling's matrix is refreshed at every node it verifies) accepts less with a smaller tree than the
+    large tree's rates say.
+    """
     rates = np.sort(np.asarray(rates, np.float64))[::-1]
     if len(rates) == 0:
         raise InvalidArgumentError("no acceptance statistics to choose a budget from")
     a, b = overhead
+    at = sorted(scale or {})
     curve = []
     for n in range(min_nodes, len(rates) + 1):
-        tokens = 1.0 + rates[:n].sum()
+        s = float(np.interp(n, at, [scale[m] for m in at])) if at else 1.0
+        tokens = 1.0 + s * rates[:n].sum()
         seconds = max(interpolate_cost(cost, n + 1) + a + b * n, 1e-9)
         curve.append({"nodes": n, "expected_tau": tokens, "tokens_per_second": tokens / seconds})
     best = max(curve, key=lambda c: c["tokens_per_second"])

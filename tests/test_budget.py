@@ -229,3 +229,36 @@ def test_cost_curve_measures_only_the_sizes_it_lacks(tiny, cache):
     assert set(json.loads(path.read_text())["cost"]) == {"1", "3", "5"}
     assert measure_forward_cost(params, cfg, sizes=(3,), context=16, on_size=seen.append) == {3: cost[3]}
     assert len(seen) == 1
+
+
+def test_budget_is_chosen_for_the_batch_size(tiny, cache):
+    """Calibration decodes each prompt as `batch` copies of itself: the acceptance rates are one sequence's (every
+    copy writes the same greedy text), the choice is cached per batch size, and the tree decodes AR's text at
+    that batch."""
+    params, cfg = tiny
+    one, at_one = _auto(Engine(cfg, TR), params)
+    two, at_two = _auto(Engine(cfg, TR), params, batch=2)
+    assert at_one["batch"] == 1 and at_two["batch"] == 2 and at_one["cache_file"] != at_two["cache_file"]
+    rates = [json.loads(Path(r["cache_file"]).read_text())["rates"] for r in (at_one, at_two)]
+    np.testing.assert_allclose(rates[0], rates[1])
+    assert at_two["expected_tau"] == pytest.approx(at_one["expected_tau"])
+    ar = generate(Engine(cfg), params, PROMPTS[:2], 24).token_ids
+    assert generate(two, params, PROMPTS[:2], 24).token_ids == ar
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_report_says_whether_any_tree_beats_ar(tiny, cache, flat):
+    """On a device where every verified token costs a whole step (a large batch on a compute-bound CPU), no tree
+    can beat AR; where verifying more tokens is nearly free, the chosen tree does."""
+    params, cfg = tiny
+    cost = {t: 0.01 * (1 + 0.001 * t) for t in range(1, 26)} if flat else STEEP
+    _, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=cost, probes=0)
+    assert report["ar_tokens_per_second"] == pytest.approx(1 / cost[1])
+    assert report["pays"] is flat
+
+
+def test_cost_curve_is_measured_and_cached_per_batch_size(tiny, cache):
+    params, cfg = tiny
+    measure_forward_cost(params, cfg, sizes=(1, 2), context=16, repeats=1)
+    cost = measure_forward_cost(params, cfg, sizes=(1, 2), context=16, repeats=1, batch=3)
+    assert set(cost) == {1, 2} and len(list(cache.glob("*.json"))) == 2

@@ -118,7 +118,7 @@ def _worker_ours(spec: dict) -> dict:
     target = load_target(spec["model"], spec["dtype"], mesh)
     params, tok = target.params, target.tokenizer
     t = time.perf_counter()
-    run = prepare(spec["method"], args, target)
+    run = prepare(spec["method"], args, target, batch=spec.get("batch_size", 1))
     budget_seconds = time.perf_counter() - t
     engine, weights = run.engine, run.built.weights
     max_new = spec["max_new_tokens"]

@@ -50,6 +50,7 @@ from spec_jax.policies.budget import (
     cache_file,
     choose_budget,
     fit_overhead,
+    interpolate_cost,
     measure_forward_cost,
     read_cache,
     write_cache,
@@ -78,7 +79,7 @@ def parse_budget(text) -> int | str | None:
 
 
 def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, calibration=None, model_id=None,
-                 recalibrate: bool = False, progress: bool = False) -> tuple[Engine, dict | None]:
+                 recalibrate: bool = False, progress: bool = False, batch: int = 1) -> tuple[Engine, dict | None]:
     """`--budget N|auto` for drafters with a prunable static tree: (engine, report or None).
 
     A fixed N keeps the N nodes of the template that its own rank prior ranks first; 'auto' takes the
@@ -95,7 +96,7 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
     drafter.pruned(drafter.shape.nodes)  # refuses a tree it cannot prune before any calibration
     if budget == "auto":
         return auto_budget(engine, params, calibration, weights=weights, carry=carry, model_id=model_id,
-                           recalibrate=recalibrate, progress=progress)
+                           recalibrate=recalibrate, progress=progress, batch=batch)
     if budget > drafter.shape.nodes:
         raise InvalidArgumentError(f"--budget {budget} must be between 1 and the tree's {drafter.shape.nodes} nodes")
     return dataclasses.replace(engine, drafter=drafter.pruned(budget)), {"nodes": budget}
@@ -104,13 +105,14 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
 def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights=None, carry=None,
                 max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
                 model_id=None, use_cache: bool = True, recalibrate: bool = False,
-                progress: bool = False) -> tuple[Engine, dict]:
+                progress: bool = False, batch: int = 1) -> tuple[Engine, dict]:
     """(engine with the pruned tree, report): the cached choice, else a calibration (then cached).
 
     `carry` is the drafter state the run starts from; calibration warms a copy of it. `cost` replaces the
     measured verification cost (tests: then `probes=0`, as measured steps would not match it); `model_id`
     names the target's files (`models.registry.model_fingerprint`), without which the cache tells models
-    apart by shapes alone. `progress` shows progress bars on stderr.
+    apart by shapes alone. `batch`: the number of sequences the run decodes at once, which the costs are
+    measured at (a choice per batch size). `progress` shows progress bars on stderr.
     """
     if jax.process_count() > 1:
         raise InvalidArgumentError("--budget auto times this host alone, and the hosts of a multi-host run must "
@@ -118,7 +120,9 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
     if not calibration:
         raise InvalidArgumentError("--budget auto needs calibration prompts")
     drafter = engine.drafter
-    path = choice_file(engine, params, weights, calibration, max_new_tokens, cost, probes, model_id)
+    if batch < 1:
+        raise InvalidArgumentError(f"--budget auto needs a batch size of at least 1, got {batch}")
+    path = choice_file(engine, params, weights, calibration, max_new_tokens, cost, probes, model_id, batch)
     if use_cache and not recalibrate:
         cached = read_cache(path, f"{drafter.name} budget", lambda data: _parse_choice(data, drafter))
         if cached is not None:
@@ -126,7 +130,8 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
             return dataclasses.replace(engine, drafter=pruned), {**report, "cached": True, "cache_file": str(path)}
     t0 = time.perf_counter()
     n, rates, report = calibrate(engine, params, calibration, weights=weights, carry=carry,
-                                 max_new_tokens=max_new_tokens, cost=cost, probes=probes, progress=progress)
+                                 max_new_tokens=max_new_tokens, cost=cost, probes=probes, progress=progress,
+                                 batch=batch)
     report["calibration_seconds"] = time.perf_counter() - t0
     if use_cache:
         write_cache(path, {"method": drafter.name, "choice": n, "rates": rates.tolist(), "report": report},
@@ -137,15 +142,18 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
 
 def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None, carry=None,
               max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
-              progress: bool = False) -> tuple[int, np.ndarray, dict]:
+              progress: bool = False, batch: int = 1) -> tuple[int, np.ndarray, dict]:
     """(node count to prune to, acceptance rate of every node slot of the drafter's tree, report); see the module
-    docstring for the plan. Decodes one prompt at a time: costs are measured for batch 1."""
+    docstring for the plan. Each prompt is decoded as a batch of `batch` copies of itself: greedy decoding gives
+    every copy the same text and acceptance, so the rates are those of one sequence while the forward costs and
+    step times are those of the run's batch (verification grows with batch x nodes; on a compute-bound device a
+    large batch leaves a tree little room)."""
     from tqdm import tqdm
 
     drafter = engine.drafter
     N = drafter.shape.nodes
     if cost is None:
-        cost = _forward_cost(engine, params, N, progress)
+        cost = _forward_cost(engine, params, N, progress, batch)
     k = min(WARMUP_PROMPTS, len(prompts) - 1)
     size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
     bar = tqdm(total=(len(prompts) + probes) * max_new_tokens, desc=f"budget auto: warming up {drafter.name}",
@@ -158,13 +166,13 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
             bar.update(len(outs[0]) - done[0])
             done[0] = len(outs[0])
 
-        gen = generate(eng, params, [prompt], max_new_tokens, weights=weights, carry=state, cache_size=size,
-                       stream=stream if progress else None)
+        gen = generate(eng, params, [prompt] * batch, max_new_tokens, weights=weights, carry=state,
+                       cache_size=size, stream=stream if progress else None)
         bar.update(max_new_tokens - done[0])  # a run that ended early (end of sequence) still did its share
         return gen
 
     def compile_(eng: Engine) -> None:  # one step, so that no timed run includes compilation
-        generate(eng, params, [prompts[0]], 2, weights=weights, carry=carry, cache_size=size)
+        generate(eng, params, [prompts[0]] * batch, 2, weights=weights, carry=carry, cache_size=size)
 
     with bar:
         for prompt in prompts[:k]:
@@ -175,11 +183,12 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
         for prompt in prompts[k:]:
             gen = decode(engine, prompt, carry)
             carry = gen.carry
-            runs.append((np.asarray(gen.node_hits, np.float64), gen.target_forwards[0] - 1, gen))
+            runs.append((np.asarray(gen.node_hits, np.float64) / batch, gen.target_forwards[0] - 1, gen))
         steps = sum(r[1] for r in runs)
         rates = sum(r[0] for r in runs) / max(steps, 1)
         timed = {N: {"nodes": N, "step_seconds": sum(_decode_seconds(r[2]) for r in runs) / max(steps, 1),
-                     "tau": tau(sum(r[2].new_tokens for r in runs), steps + len(runs), len(runs)), "scale": 1.0}}
+                     "tau": tau(sum(r[2].new_tokens for r in runs) / batch, steps + len(runs), len(runs)),
+                     "scale": 1.0}}
         n, curve = _choose(rates, cost, timed)
         for i in range(probes):
             tree = drafter.pruned(n, rates)
@@ -200,8 +209,10 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
         bar.total = bar.n  # probes that were not needed
     tree = drafter.pruned(n, rates)
     best = next(c for c in curve if c["nodes"] == n)
-    report = {"nodes": tree.shape.nodes, "depth": tree.shape.depth, "of_nodes": N,
+    ar = 1.0 / interpolate_cost(cost, 1)  # AR: a one-token forward a step (its sampling, loop: not counted)
+    report = {"nodes": tree.shape.nodes, "depth": tree.shape.depth, "of_nodes": N, "batch": batch,
               "expected_tau": best["expected_tau"], "expected_tokens_per_second": best["tokens_per_second"],
+              "ar_tokens_per_second": ar, "pays": bool(best["tokens_per_second"] > ar),
               "calibration_tau": timed[N]["tau"], "probes": [timed[m] for m in sorted(timed)],
               "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "curve": curve}
     return n, rates, report
@@ -221,8 +232,9 @@ def _step_seconds(timed: dict[int, dict]) -> dict[int, float]:
     return {m: t["step_seconds"] for m, t in timed.items()}
 
 
-def _forward_cost(engine: Engine, params, nodes: int, progress: bool) -> dict[int, float]:
-    """This device's cost of a target forward over 1 .. nodes + 1 tokens (cached per model and device)."""
+def _forward_cost(engine: Engine, params, nodes: int, progress: bool, batch: int = 1) -> dict[int, float]:
+    """This device's cost of a target forward over 1 .. nodes + 1 tokens in each of `batch` sequences (cached per
+    model, device and batch)."""
     from tqdm import tqdm
 
     sizes = _sizes(nodes + 1)
@@ -231,12 +243,13 @@ def _forward_cost(engine: Engine, params, nodes: int, progress: bool) -> dict[in
     def measured(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:  # only when sizes are measured, not read from the cache
-            bar = tqdm(total=total, desc=f"budget auto: timing this device's forward over 1-{sizes[-1]} tokens",
+            bar = tqdm(total=total, desc=f"budget auto: timing this device's forward over 1-{sizes[-1]} tokens"
+                       + (f" x {batch} sequences" if batch > 1 else ""),
                        unit="size", disable=not progress, leave=False)
         bar.update(done - bar.n)
 
     try:
-        return measure_forward_cost(params, engine.cfg, sizes=sizes, mesh=engine.mesh, on_size=measured)
+        return measure_forward_cost(params, engine.cfg, sizes=sizes, mesh=engine.mesh, batch=batch, on_size=measured)
     finally:
         if bar is not None:
             bar.close()
@@ -251,14 +264,14 @@ def _sizes(max_tokens: int) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the cached choice
 
 def choice_file(engine: Engine, params, weights, calibration: list[list[int]], max_new_tokens: int,
-                cost: dict[int, float] | None = None, probes: int = PROBES, model_id=None):
-    """Where the `--budget auto` choice for this model, device, drafter (settings and weights), sampling and
-    calibration is cached. The drafter's carried state (Token Recycling's matrix) is not part of the key:
+                cost: dict[int, float] | None = None, probes: int = PROBES, model_id=None, batch: int = 1):
+    """Where the `--budget auto` choice for this model, device, drafter (settings and weights), sampling,
+    calibration and batch size is cached. The drafter's carried state (Token Recycling's matrix) is not part of the key:
     calibration warms whatever it starts from."""
     trained = weights_fingerprint(weights) if weights is not None else None
     key = json.dumps([CALIBRATION_VERSION, model_id, _settings(engine.drafter), _settings(engine.sampling),
                       engine.verify_mode, trained, calibration, max_new_tokens, sorted(cost.items()) if cost else None,
-                      probes])
+                      probes, batch])
     return cache_file(engine.cfg, params, engine.mesh, prefix=f"{engine.drafter.name}-", extra=key)
 
 

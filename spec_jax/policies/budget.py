@@ -82,26 +82,27 @@ def _warn(text: str) -> None:
 
 
 def measure_forward_cost(params, cfg: Config, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64, 80), *, context: int = 256,
-                         repeats: int = 5, use_cache: bool = True, mesh=None,
+                         repeats: int = 5, use_cache: bool = True, mesh=None, batch: int = 1,
                          on_size: Callable[[int, int], None] | None = None) -> dict[int, float]:
-    """Median seconds of a target forward over T tree tokens after `context` committed tokens, per T (params
-    as placed: sharded on `mesh` when given, which keys the cached measurement too). Sizes already in the cache
-    are not measured again (the cache keeps every size measured so far); `on_size(done, to_measure)` is called
-    after each size that is measured (a progress bar)."""
-    path = cache_file(cfg, params, mesh)
+    """Median seconds of a target forward over T tree tokens in each of `batch` sequences after `context`
+    committed tokens, per T (params as placed: sharded on `mesh` when given, which keys the cached measurement
+    too, as does the batch). Sizes already in the cache are not measured again (the cache keeps every size
+    measured so far); `on_size(done, to_measure)` is called after each size that is measured (a progress bar)."""
+    path = cache_file(cfg, params, mesh, extra=f"batch={batch}" if batch > 1 else "")
     cached = (read_cache(path, "verification cost", _parse_cost) if use_cache else None) or {}
     missing = [t for t in sizes if t not in cached]
     if not missing:
         return {t: cached[t] for t in sizes}
     size = context + max(missing) + 8
-    cache = init_cache(cfg, 1, size).replace(lengths=jnp.array([context], jnp.int32))
+    cache = init_cache(cfg, batch, size).replace(lengths=jnp.full((batch,), context, jnp.int32))
     fwd = jax.jit(lambda p, tok, pos, c, m: forward(p, cfg, tok, pos, c, m).logits, static_argnums=())
     out = dict(cached)
     for i, t in enumerate(missing):
         tmpl = TreeTemplate.from_level_sizes(_levels_for(t), width=8) if t > 1 else None
-        mask = jnp.asarray(ancestor_mask(tmpl.parents) if tmpl else np.ones((1, 1), bool))[None]
-        tok = jnp.zeros((1, t), jnp.int32)
-        pos = jnp.full((1, t), context, jnp.int32)
+        mask = jnp.asarray(np.broadcast_to(ancestor_mask(tmpl.parents) if tmpl else np.ones((1, 1), bool),
+                                           (batch, t, t)))
+        tok = jnp.zeros((batch, t), jnp.int32)
+        pos = jnp.full((batch, t), context, jnp.int32)
         jax.block_until_ready(fwd(params, tok, pos, cache, mask))  # compile
         times = []
         for _ in range(repeats):

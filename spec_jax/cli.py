@@ -77,7 +77,7 @@ def cmd_generate(args) -> int:
     stats = {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "method": args.method,
              **gen.stats(), "seconds_total": round(time.perf_counter() - t0, 3)}
     if budget:
-        stats["budget"] = {k: v for k, v in budget.items() if k != "curve"}
+        stats["budget"] = {k: v for k, v in budget.items() if k not in ("curve", "cost_seconds")}
     if lead and args.json:
         print(json.dumps(stats))
     elif lead:

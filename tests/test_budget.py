@@ -254,6 +254,7 @@ def test_report_says_whether_any_tree_beats_ar(tiny, cache, flat):
     cost = {t: 0.01 * (1 + 0.001 * t) for t in range(1, 26)} if flat else STEEP
     _, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=cost, probes=0)
     assert report["ar_tokens_per_second"] == pytest.approx(1 / cost[1])
+    assert report["cost_seconds"] == cost  # what the choice was made on, for plots (notebook 03)
     assert report["pays"] is flat
 
 

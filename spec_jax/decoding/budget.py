@@ -60,7 +60,7 @@ WARMUP_PROMPTS = 1  # calibration prompts that only warm the drafter's state (an
 RATE_PROMPTS = 3  # then prompts decoded with the large tree: acceptance per node slot, step time
 PROBES = 2  # then sub-trees decoded and timed, to correct the model of step time and acceptance
 CALIBRATION_TOKENS = 128  # new tokens per calibration prompt
-CALIBRATION_VERSION = 3  # in the cache key: bump when calibration changes what it measures
+CALIBRATION_VERSION = 4  # in the cache key: bump when calibration changes what it measures
 
 
 def parse_budget(text) -> int | str | None:
@@ -214,7 +214,8 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
               "expected_tau": best["expected_tau"], "expected_tokens_per_second": best["tokens_per_second"],
               "ar_tokens_per_second": ar, "pays": bool(best["tokens_per_second"] > ar),
               "calibration_tau": timed[N]["tau"], "probes": [timed[m] for m in sorted(timed)],
-              "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "curve": curve}
+              "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "cost_seconds": cost,
+              "curve": curve}
     return n, rates, report
 
 

@@ -17,6 +17,30 @@ def test_packaged_prompt_sets():
     assert len(he) == 164 and he[0]["question_id"] == "HumanEval/0" and "def has_close_elements" in he[0]["turns"][0]
 
 
+def test_long_prompts_in_range_and_reproducible():
+    """`--dataset long`: 800- to 2,000-token prompts under SmolLM2's chat template, three categories, rebuilt
+    identically by scripts/make_long_prompts.py wherever its source documents are the ones it recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    from spec_jax.models.registry import load_tokenizer
+
+    path = Path(__file__).parents[1] / "scripts" / "make_long_prompts.py"
+    spec = importlib.util.spec_from_file_location("make_long_prompts", path)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    rows = load_dataset("long")
+    assert 12 <= len(rows) <= 16 and {r["category"] for r in rows} == {"summarization", "retrieval_qa", "rewriting"}
+    tok = load_tokenizer("smollm2-135m")
+    assert all(make.MIN_TOKENS <= make.prompt_tokens(tok, r["turns"][0]) <= make.MAX_TOKENS for r in rows)
+    assert make.OUT.read_text(encoding="utf-8") == make.dumps(rows)  # the file is the script's own output
+    same = [(old, new) for old, new in zip(rows, make.build(tok), strict=True)
+            if old["source"]["sha256"] == new["source"]["sha256"]]
+    if not same:
+        pytest.skip("this Python's documents differ from those the file was built from")
+    assert all(old == new for old, new in same)
+
+
 def test_spec_bench_file_and_malformed_lines(tmp_path):
     good = tmp_path / "question.jsonl"
     good.write_text('{"question_id": 1, "category": "qa", "turns": ["a?"], "reference": ["b"]}\n'

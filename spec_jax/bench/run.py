@@ -40,7 +40,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, each `name` or `name/option=value/...` (e.g. token_recycling/budget=auto); "
                         f"names: {', '.join((*methods(), *HF_METHODS))}")
     p.add_argument("--dataset", default="mtbench",
-                   help="mtbench (80 questions, 2 turns), humaneval (164), or a Spec-Bench question.jsonl path")
+                   help="mtbench (80 questions, 2 turns), humaneval (164), long (15 prompts of 800-2,000 tokens), or a "
+                        "Spec-Bench question.jsonl path")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--per-category", type=Range(int, 1), default=None, help="at most this many questions per category")
     p.add_argument("--num-prompts", type=Range(int, 1), default=None, help="at most this many questions in all")

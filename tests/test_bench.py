@@ -145,3 +145,53 @@ def test_transformers_assisted_peers_refuse_batches(tiny_hf_dir, tmp_path, capsy
     assert main(["bench", "--model", str(tiny_hf_dir), "--methods", "ar,hf_pld", "--batch-size", "2",
                  "--num-prompts", "2", "--out", str(tmp_path / "r")]) == 2
     assert "transformers runs hf_pld one sequence at a time" in capsys.readouterr().err
+
+
+def test_bench_resumes_per_method(tiny_hf_dir, tmp_path, monkeypatch, capfd):
+    """A run whose second method was killed, run again with the same settings: the finished method is not run
+    again, the other is, and the results equal an uninterrupted run's; other settings are refused, and --fresh
+    discards the stored run."""
+    import spec_jax.bench.run as bench_run
+    from spec_jax.cli import main
+    from spec_jax.errors import SpecJaxError
+
+    def command(out, methods="ar,pld", *extra):
+        return ["bench", "--model", str(tiny_hf_dir), "--methods", methods, "--dataset", "mtbench", "--categories",
+                "writing,coding", "--per-category", "1", "--max-new-tokens", "12", "--out", str(out), *extra]
+
+    def outputs(out, m):
+        rows = [json.loads(line) for line in (out / f"{m}.jsonl").read_text().splitlines()]
+        return [(r["question_id"], [t["token_ids"] for t in r["turns"]], r.get("tau")) for r in rows]
+
+    assert main(command(tmp_path / "whole")) == 0
+    real, ran = bench_run._run_worker, []
+
+    def killed_at_pld(spec):
+        ran.append(spec["entry"])
+        if spec["entry"] == "pld":
+            raise SpecJaxError("the benchmark of pld failed (killed by SIGKILL); its error is above")
+        return real(spec)
+
+    monkeypatch.setattr(bench_run, "_run_worker", killed_at_pld)
+    out = tmp_path / "resumed"
+    assert main(command(out)) == 2 and ran == ["ar", "pld"]
+    assert (out / "ar.meta.json").is_file() and not (out / "pld.jsonl").exists()
+    capfd.readouterr()
+    monkeypatch.setattr(bench_run, "_run_worker", lambda spec: ran.append(spec["entry"]) or real(spec))
+    assert main(command(out)) == 0 and ran == ["ar", "pld", "pld"]  # ar was not run again
+    assert "ar: complete in" in capfd.readouterr().err
+    for m in ("ar", "pld"):
+        assert outputs(out, m) == outputs(tmp_path / "whole", m)
+    summary = json.loads((out / "summary.json").read_text())["overall"]["methods"]
+    assert list(summary) == ["ar", "pld"] and summary["pld"]["mismatches"] == 0
+    assert summary["pld"]["tau"] == json.loads((tmp_path / "whole" / "summary.json").read_text()
+                                               )["overall"]["methods"]["pld"]["tau"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["methods"] == ["ar", "pld"] and len(info["resumed"]) == 1
+    assert main(command(out)) == 0 and ran == ["ar", "pld", "pld"]  # all complete: nothing runs, summary rebuilt
+
+    assert main(command(out, "ar,pld", "--max-new-tokens", "8")) == 2
+    err = capfd.readouterr().err
+    assert "holds a run with other settings (options max_new_tokens: 12 -> 8)" in err and "--fresh" in err
+    assert main(command(out, "ar", "--fresh")) == 0 and ran[-1] == "ar"
+    assert not (out / "pld.jsonl").exists() and "resumed" not in json.loads((out / "run.json").read_text())

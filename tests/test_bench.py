@@ -195,3 +195,40 @@ def test_bench_resumes_per_method(tiny_hf_dir, tmp_path, monkeypatch, capfd):
     assert "holds a run with other settings (options max_new_tokens: 12 -> 8)" in err and "--fresh" in err
     assert main(command(out, "ar", "--fresh")) == 0 and ran[-1] == "ar"
     assert not (out / "pld.jsonl").exists() and "resumed" not in json.loads((out / "run.json").read_text())
+
+
+ISSUE14 = ("mtbench", "humaneval", "long")
+
+
+def _issue14_args(part):
+    import argparse
+    from pathlib import Path
+
+    from spec_jax.bench.run import add_bench_args
+    from spec_jax.cli import load_config
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    p.set_defaults(**load_config(str(Path(__file__).parents[1] / "configs" / f"bench_issue14_{part}.yaml"), p))
+    return p.parse_args([])
+
+
+def test_issue14_configs_cover_every_method():
+    """Every registered method, with --budget auto where its tree can be pruned, plus hf_ar and hf_pld."""
+    from spec_jax.bench.run import parse_method
+    from spec_jax.drafters.registry import methods
+
+    for part in ISSUE14:
+        args = _issue14_args(part)
+        parsed = [parse_method(m) for m in args.methods.split(",")]
+        assert sorted(n for n, _ in parsed) == sorted([*methods(), "hf_ar", "hf_pld"])
+        assert all((o.get("budget") == "auto") == methods()[n].prunable for n, o in parsed if n in methods())
+        assert args.max_new_tokens == 256 and args.out == f"results/issue14/{part}"
+
+
+@pytest.mark.real_model
+def test_issue14_configs_pass_bench_checks():
+    from spec_jax.bench.run import check_bench
+
+    sizes = {part: len(check_bench(_issue14_args(part))[2]) for part in ISSUE14}
+    assert sizes == {"mtbench": 24, "humaneval": 20, "long": 15}

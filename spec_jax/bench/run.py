@@ -6,7 +6,8 @@ summed over its turns, a method's speed is the mean over questions, and speedup 
 AR's mean in the same run. Compilation (and any other warm-up) is excluded from those figures and
 reported separately. Each method runs in its own worker process, so its peak resident memory is its
 own. Results go to a folder: JSON lines per method, `summary.md`, PNG plots and `run.json` (device,
-versions, config); see `spec_jax.bench.report`.
+versions, config); see `spec_jax.bench.report`. Each method's results are saved as it finishes, so the same
+command again resumes an interrupted run (see "resuming" below).
 """
 
 from __future__ import annotations
@@ -489,6 +490,8 @@ def _resume(out_dir: Path, args, methods: list[str], questions: list[dict], sett
         for m in entries:
             for name in (f"{_slug(m)}.meta.json", f"{_slug(m)}.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)
+        why = "--fresh" if args.fresh else "it was written before bench runs could be resumed"
+        print(f"[bench] discarding the run in {out_dir} ({why}); every method runs", file=sys.stderr)
         return None, {}
     diffs = settings_differences(stored["settings"], settings)
     if diffs:

@@ -17,6 +17,30 @@ def test_packaged_prompt_sets():
     assert len(he) == 164 and he[0]["question_id"] == "HumanEval/0" and "def has_close_elements" in he[0]["turns"][0]
 
 
+def test_long_prompts_in_range_and_reproducible():
+    """`--dataset long`: 800- to 2,000-token prompts under SmolLM2's chat template, three categories, rebuilt
+    identically by scripts/make_long_prompts.py wherever its source documents are the ones it recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    from spec_jax.models.registry import load_tokenizer
+
+    path = Path(__file__).parents[1] / "scripts" / "make_long_prompts.py"
+    spec = importlib.util.spec_from_file_location("make_long_prompts", path)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    rows = load_dataset("long")
+    assert 12 <= len(rows) <= 16 and {r["category"] for r in rows} == {"summarization", "retrieval_qa", "rewriting"}
+    tok = load_tokenizer("smollm2-135m")
+    assert all(make.MIN_TOKENS <= make.prompt_tokens(tok, r["turns"][0]) <= make.MAX_TOKENS for r in rows)
+    assert make.OUT.read_text(encoding="utf-8") == make.dumps(rows)  # the file is the script's own output
+    same = [(old, new) for old, new in zip(rows, make.build(tok), strict=True)
+            if old["source"]["sha256"] == new["source"]["sha256"]]
+    if not same:
+        pytest.skip("this Python's documents differ from those the file was built from")
+    assert all(old == new for old, new in same)
+
+
 def test_spec_bench_file_and_malformed_lines(tmp_path):
     good = tmp_path / "question.jsonl"
     good.write_text('{"question_id": 1, "category": "qa", "turns": ["a?"], "reference": ["b"]}\n'
@@ -121,3 +145,90 @@ def test_transformers_assisted_peers_refuse_batches(tiny_hf_dir, tmp_path, capsy
     assert main(["bench", "--model", str(tiny_hf_dir), "--methods", "ar,hf_pld", "--batch-size", "2",
                  "--num-prompts", "2", "--out", str(tmp_path / "r")]) == 2
     assert "transformers runs hf_pld one sequence at a time" in capsys.readouterr().err
+
+
+def test_bench_resumes_per_method(tiny_hf_dir, tmp_path, monkeypatch, capfd):
+    """A run whose second method was killed, run again with the same settings: the finished method is not run
+    again, the other is, and the results equal an uninterrupted run's; other settings are refused, and --fresh
+    discards the stored run."""
+    import spec_jax.bench.run as bench_run
+    from spec_jax.cli import main
+    from spec_jax.errors import SpecJaxError
+
+    def command(out, methods="ar,pld", *extra):
+        return ["bench", "--model", str(tiny_hf_dir), "--methods", methods, "--dataset", "mtbench", "--categories",
+                "writing,coding", "--per-category", "1", "--max-new-tokens", "12", "--out", str(out), *extra]
+
+    def outputs(out, m):
+        rows = [json.loads(line) for line in (out / f"{m}.jsonl").read_text().splitlines()]
+        return [(r["question_id"], [t["token_ids"] for t in r["turns"]], r.get("tau")) for r in rows]
+
+    assert main(command(tmp_path / "whole")) == 0
+    real, ran = bench_run._run_worker, []
+
+    def killed_at_pld(spec):
+        ran.append(spec["entry"])
+        if spec["entry"] == "pld":
+            raise SpecJaxError("the benchmark of pld failed (killed by SIGKILL); its error is above")
+        return real(spec)
+
+    monkeypatch.setattr(bench_run, "_run_worker", killed_at_pld)
+    out = tmp_path / "resumed"
+    assert main(command(out)) == 2 and ran == ["ar", "pld"]
+    assert (out / "ar.meta.json").is_file() and not (out / "pld.jsonl").exists()
+    capfd.readouterr()
+    monkeypatch.setattr(bench_run, "_run_worker", lambda spec: ran.append(spec["entry"]) or real(spec))
+    assert main(command(out)) == 0 and ran == ["ar", "pld", "pld"]  # ar was not run again
+    assert "ar: complete in" in capfd.readouterr().err
+    for m in ("ar", "pld"):
+        assert outputs(out, m) == outputs(tmp_path / "whole", m)
+    summary = json.loads((out / "summary.json").read_text())["overall"]["methods"]
+    assert list(summary) == ["ar", "pld"] and summary["pld"]["mismatches"] == 0
+    assert summary["pld"]["tau"] == json.loads((tmp_path / "whole" / "summary.json").read_text()
+                                               )["overall"]["methods"]["pld"]["tau"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["methods"] == ["ar", "pld"] and len(info["resumed"]) == 1
+    assert main(command(out)) == 0 and ran == ["ar", "pld", "pld"]  # all complete: nothing runs, summary rebuilt
+
+    assert main(command(out, "ar,pld", "--max-new-tokens", "8")) == 2
+    err = capfd.readouterr().err
+    assert "holds a run with other settings (options max_new_tokens: 12 -> 8)" in err and "--fresh" in err
+    assert main(command(out, "ar", "--fresh")) == 0 and ran[-1] == "ar"
+    assert not (out / "pld.jsonl").exists() and "resumed" not in json.loads((out / "run.json").read_text())
+
+
+ISSUE14 = ("mtbench", "humaneval", "long")
+
+
+def _issue14_args(part):
+    import argparse
+    from pathlib import Path
+
+    from spec_jax.bench.run import add_bench_args
+    from spec_jax.cli import load_config
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    p.set_defaults(**load_config(str(Path(__file__).parents[1] / "configs" / f"bench_issue14_{part}.yaml"), p))
+    return p.parse_args([])
+
+
+def test_issue14_configs_cover_every_method():
+    """Every registered method, with --budget auto where its tree can be pruned, plus hf_ar and hf_pld."""
+    from spec_jax.bench.run import parse_method
+    from spec_jax.drafters.registry import methods
+
+    for part in ISSUE14:
+        args = _issue14_args(part)
+        parsed = [parse_method(m) for m in args.methods.split(",")]
+        assert sorted(n for n, _ in parsed) == sorted([*methods(), "hf_ar", "hf_pld"])
+        assert all((o.get("budget") == "auto") == methods()[n].prunable for n, o in parsed if n in methods())
+        assert args.max_new_tokens == 256 and args.out == f"results/issue14/{part}"
+
+
+@pytest.mark.real_model
+def test_issue14_configs_pass_bench_checks():
+    from spec_jax.bench.run import check_bench
+
+    sizes = {part: len(check_bench(_issue14_args(part))[2]) for part in ISSUE14}
+    assert sizes == {"mtbench": 24, "humaneval": 20, "long": 15}

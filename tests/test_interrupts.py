@@ -174,7 +174,7 @@ def test_bench_keeps_the_summary_of_finished_methods(tiny_hf_dir, tmp_path):
     assert "fails_at_run cannot run (on purpose)" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "spec-jax: error: the benchmark of fails_at_run failed (exit 2); its error is above; the summary of ar, "
-        f"token_recycling is in {out_dir / 'summary.md'}")
+        f"token_recycling is in {out_dir / 'summary.md'}; run the same command again to run the rest")
     summary = (out_dir / "summary.md").read_text()
     assert "| ar " in proc.stdout and "| ar " in summary and "| token_recycling " in summary
     assert np.load(matrix).any()  # --tr-matrix: what Token Recycling learned is saved after its run

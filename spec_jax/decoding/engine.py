@@ -396,8 +396,8 @@ def audit_drafter(engine: Engine, params, weights, carry) -> None:
     """
     engine.drafter.check(engine.cfg, weights, carry)
     if engine.drafter.host and jax.process_count() > 1:
-        raise InvalidArgumentError(f"method {engine.drafter.name} drafts on the host (io_callback), which a "
-                                   "multi-host run cannot share; use it on one host")
+        raise InvalidArgumentError(f"method {engine.drafter.name} calls the host while drafting (a host callback, "
+                                   "e.g. for a --sam-corpus), which a multi-host run cannot share; use it on one host")
     _check_placement(engine, params)
     key = (engine, jax.tree.structure(weights), tuple(np.shape(x) for x in jax.tree.leaves(weights)))
     if key in _AUDITED:

@@ -133,7 +133,7 @@ class Drafter:
     """Base drafter: proposes nothing, which makes the engine plain autoregressive decoding."""
 
     name: ClassVar[str] = "ar"
-    host: ClassVar[bool] = False  # True for drafters whose propose runs on the host (timed separately)
+    host: ClassVar[bool] = False  # True for drafters whose propose calls the host (timed separately)
     # True for drafters whose tree can be shrunk to any node count by `pruned` (`--budget N|auto`).
     prunable: ClassVar[bool] = False
 

@@ -26,7 +26,7 @@ is measured once and cached costs nothing on later runs.
 
 The choice (node count, the per-slot rates the tree is pruned by) is cached on disk, keyed by the
 model's files and shapes, the device kind, the jax version, the drafter's settings, its trained weights,
-the sampling and the calibration itself; a later run prunes from the cached rates and decodes nothing
+the sampling, the calibration itself and the batch size; a later run prunes from the cached rates and decodes nothing
 before its own prompt. `--recalibrate` measures again. The decoding that follows starts from the
 state the run was given, not from calibration's warmed copy, so a calibrating run and a cached run
 decode alike.

@@ -250,15 +250,22 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
         save(fig, ax, "accepted_length.png", "Accepted length")
 
     # tokens/s against the draft budget (tree size), one line per method family
+    # (a fixed budget is a point on its family's line; a --budget auto choice is a star on its own)
     families: dict[str, list] = {}
+    chosen: dict[str, list] = {}
     for m, n in overall["methods"].items():
         if n.get("nodes"):
-            families.setdefault(m.split("/")[0], []).append((n["nodes"], n["tokens_per_second"], m))
+            auto = _is_auto(results[m].get("budget"))
+            (chosen if auto else families).setdefault(m.split("/")[0], []).append((n["nodes"], n["tokens_per_second"]))
     if any(len(v) > 1 for v in families.values()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for fam, pts in families.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam)
+            for nodes, tps in chosen.pop(fam, []):
+                ax.plot([nodes], [tps], "*", ms=14, color=line.get_color(), label=f"{fam} --budget auto")
+        for fam, pts in chosen.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "*", ms=14, label=f"{fam} --budget auto")
         if "ar" in overall["methods"]:
             ax.axhline(overall["methods"]["ar"]["tokens_per_second"], color="k", ls="--", lw=0.8, label="ar")
         ax.set_xlabel("draft budget (tree nodes)")
@@ -277,12 +284,17 @@ def plots(out_dir: Path, results: dict, overall: dict, by_cat: dict) -> list[str
     return written
 
 
+def _is_auto(budget: dict | None) -> bool:
+    """Whether a method's budget record is a --budget auto choice (a fixed `budget=N` records only its nodes)."""
+    return bool(budget) and "of_nodes" in budget
+
+
 def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
     """summary.md, summary.json and the plots; returns the Markdown."""
     bandwidth = memory_bandwidth_gbs()
     table, overall = summary_table(results, bandwidth)
     cat_table, by_cat = category_table(results)
-    budgets = {m: r["budget"] for m, r in results.items() if r.get("budget")}
+    budgets = {m: r["budget"] for m, r in results.items() if _is_auto(r.get("budget"))}
     lines = ["# Benchmark summary", "", table, "", "## By category", "", cat_table]
     if budgets:
         lines += ["", "## Draft budgets chosen by --budget auto", ""]

@@ -331,6 +331,7 @@ def write_batch_sweep(run_dirs: list[Path], out_dir: Path) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from spec_jax.errors import DataFormatError
 
@@ -353,17 +354,19 @@ def write_batch_sweep(run_dirs: list[Path], out_dir: Path) -> str:
                  else "-" for b in sizes]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
+    for i, m in enumerate(methods):
         bs = [b for b in sizes if m in runs[b]]
-        ax1.plot(bs, [runs[b][m]["tokens_per_second"] for b in bs], "o-", label=m)
+        color = f"C{i % 10}"  # one colour per method in both panels
+        ax1.plot(bs, [runs[b][m]["tokens_per_second"] for b in bs], "o-", color=color, label=m)
         if m != "ar":
-            ax2.plot(bs, [runs[b][m].get("speedup") or float("nan") for b in bs], "o-", label=m)
+            ax2.plot(bs, [runs[b][m].get("speedup") or float("nan") for b in bs], "o-", color=color, label=m)
     ax1.set(xscale="log", xlabel="batch size", ylabel="throughput (tokens/s)", title="Throughput")
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set(xscale="log", xlabel="batch size", ylabel="speedup vs AR at the same batch size",
             title="Speedup over AR")
     for ax in (ax1, ax2):
         ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no "3 x 10^0" between the sizes
         ax.legend(fontsize=7)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,18 @@ def filled_cache(engine, params, prompt: list[int], size: int):
     return state.cache
 
 
+def weight_matmuls(layers: list, x):
+    """Every projection of every layer, chained through the residual (nothing else of the layer), for x [B, T, E]."""
+    for p in layers:
+        a, m = p["self_attn"], p["mlp"]
+        q = x @ a["q_proj"]["kernel"]
+        kv = (x @ a["k_proj"]["kernel"]) + (x @ a["v_proj"]["kernel"])
+        x = x + q @ a["o_proj"]["kernel"] + jnp.sum(kv) * 1e-9
+        h = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
+        x = x + h @ m["down_proj"]["kernel"]
+    return x
+
+
 def breakdown(engine, params, cfg, cache) -> dict:
     """Milliseconds of each piece of a one-token decode step, each jitted and timed alone."""
     from spec_jax import sampling as sp
@@ -119,17 +131,7 @@ def breakdown(engine, params, cfg, cache) -> dict:
     pos = cache.lengths[:, None]
     layers = [params[f"layers_{i}"] for i in range(L)]
 
-    @jax.jit
-    def gemvs(layers, x):
-        # Every projection of every layer, chained through the residual (nothing else of the layer).
-        for p in layers:
-            a, m = p["self_attn"], p["mlp"]
-            q = x @ a["q_proj"]["kernel"]
-            kv = (x @ a["k_proj"]["kernel"]) + (x @ a["v_proj"]["kernel"])
-            x = x + q @ a["o_proj"]["kernel"] + jnp.sum(kv) * 1e-9
-            h = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
-            x = x + h @ m["down_proj"]["kernel"]
-        return x
+    gemvs = jax.jit(weight_matmuls)
 
     @jax.jit
     def attention(cache, x):

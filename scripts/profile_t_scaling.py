@@ -28,16 +28,7 @@ L = cfg.num_layers
 L0 = int(cache.lengths[0])
 layers = [params[f"layers_{i}"] for i in range(L)]
 
-@jax.jit
-def gemvs(layers, x):
-    for p in layers:
-        a, m = p["self_attn"], p["mlp"]
-        q = x @ a["q_proj"]["kernel"]
-        kv = (x @ a["k_proj"]["kernel"]) + (x @ a["v_proj"]["kernel"])
-        x = x + q @ a["o_proj"]["kernel"] + jnp.sum(kv) * 1e-9
-        h = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
-        x = x + h @ m["down_proj"]["kernel"]
-    return x
+gemvs = jax.jit(P.weight_matmuls)
 
 fwd = jax.jit(lambda p, c, t, q, logits: llama.forward(p, cfg, t, q, c, compute_logits=logits),
               static_argnums=(4,), donate_argnums=(1,))

@@ -109,7 +109,10 @@ def summary_line(method: str, stats: dict) -> str:
 def _budget_line(budget: dict) -> str:
     """What `--budget` chose, and for 'auto' whether it was calibrated now or taken from the cache."""
     text = f"{budget['nodes']}-node tree"
-    if "depth" in budget:
+    if budget["nodes"] == 0:
+        text = (f"no tree (AR: {budget['ar_tokens_per_second']:.1f} tokens/s per sequence against "
+                f"{budget['best_tree_tokens_per_second']:.1f} expected of the best tree)")
+    elif "depth" in budget:
         text += f" (depth {budget['depth']}, expected tau {budget['expected_tau']:.2f})"
     if budget.get("cached"):
         text += ", calibrated earlier for this model, device and method (--recalibrate measures again)"

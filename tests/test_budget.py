@@ -22,7 +22,8 @@ from spec_jax.policies.budget import choose_budget, fit_overhead, interpolate_co
 from spec_jax.sampling import Sampling
 
 TR = TokenRecycling(k=4, levels=(4, 6, 4, 2))  # 16 nodes
-STEEP = {t: 0.01 * t for t in range(1, 26)}  # every verified token costs a full step
+STEEP = {t: 0.01 * t for t in range(1, 26)}  # every verified token costs a full step: no tree beats AR
+MILD = {t: 0.01 * (1 + 0.05 * (t - 1)) for t in range(1, 26)}  # a verified token costs 5% of a step
 
 
 def _prompts():
@@ -56,8 +57,9 @@ def calls(monkeypatch):
 
 
 def _auto(engine, params, **kw):
-    """A quick calibration on the given cost curve (the tiny model's measured steps would not match it)."""
-    return auto.auto_budget(engine, params, PROMPTS, max_new_tokens=24, cost=STEEP, probes=0, **kw)
+    """A quick calibration on a given cost curve (the tiny model's measured steps would not match it), where a
+    small tree beats AR."""
+    return auto.auto_budget(engine, params, PROMPTS, max_new_tokens=24, cost=MILD, probes=0, **kw)
 
 
 def test_choice_is_cached_and_taken_on_the_next_run(tiny, cache, calls):
@@ -67,7 +69,7 @@ def test_choice_is_cached_and_taken_on_the_next_run(tiny, cache, calls):
     assert [str(p) for p in cache.glob("token_recycling-*.json")] == [r1["cache_file"]]
     second, r2 = _auto(Engine(cfg, TR), params)
     assert calls == ["token_recycling"]  # no calibration
-    assert r2["cached"] and second.drafter == first.drafter and r2["nodes"] == r1["nodes"] < TR.shape.nodes
+    assert r2["cached"] and second.drafter == first.drafter and 0 < r2["nodes"] == r1["nodes"] < TR.shape.nodes
     assert r2["expected_tau"] == pytest.approx(r1["expected_tau"])
     _, r3 = _auto(Engine(cfg, TR), params, recalibrate=True)
     assert len(calls) == 2 and not r3["cached"]
@@ -108,13 +110,13 @@ def test_damaged_cache_entry_is_measured_again_with_a_warning(tiny, cache, calls
     path.write_bytes({"binary": b"\xff\xfe\x00garbage", "truncated": text[: len(text) // 2].encode(),
                       "not an object": b"[1, 2]",
                       "rates of another tree": json.dumps({**entry, "rates": [0.5] * 3}).encode(),
-                      "bad choice": json.dumps({**entry, "choice": 0}).encode()}[damage])
+                      "bad choice": json.dumps({**entry, "choice": TR.shape.nodes + 1}).encode()}[damage])
     capsys.readouterr()
     engine, r2 = _auto(Engine(cfg, TR), params)
     err = capsys.readouterr().err
     assert f"warning: ignoring the damaged cache file {path}" in err and "measuring the token_recycling budget" in err
     assert len(calls) == 2 and not r2["cached"] and engine.drafter.shape.nodes == r2["nodes"]
-    assert json.loads(path.read_text())["choice"] >= 1  # rewritten whole
+    assert 1 <= json.loads(path.read_text())["choice"] <= TR.shape.nodes  # rewritten whole
     assert _auto(Engine(cfg, TR), params)[1]["cached"] and len(calls) == 2
 
 
@@ -161,27 +163,33 @@ def test_measured_acceptance_of_a_small_tree_scales_the_prediction():
 
 
 def test_calibration_times_the_chosen_trees_and_stays_greedy_exact(tiny, cache, monkeypatch, capsys):
-    """With step times that follow a known model (cost + a + b * nodes), the probes find it: the choice is the
-    best tree under that model, whatever the first guess was."""
+    """With step times that follow a known model (cost + a + b * nodes, AR's step cost(1) + a), the probes find
+    it: the choice is the best of AR and the trees under that model, whatever the first guess was."""
     params, cfg = tiny
-    a, b = 0.002, 0.004
+    a, b = 0.002, 0.0004
     real = auto.generate
 
     def timed(engine, *args, **kwargs):  # the real decoding, with the step time the model says
         gen = real(engine, *args, **kwargs)
-        n, steps = engine.drafter.shape.nodes, gen.target_forwards[0] - 1
+        n, steps = engine.drafter.shape.nodes, max(gen.target_forwards) - 1
         return dataclasses.replace(gen, seconds=gen.prefill_seconds + steps * (
-            interpolate_cost(STEEP, n + 1) + a + b * n))
+            interpolate_cost(MILD, n + 1) + a + b * n))
 
     monkeypatch.setattr(auto, "generate", timed)
-    engine, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=STEEP,
+    engine, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=MILD,
                                       progress=True)
     assert "budget auto: " in capsys.readouterr().err  # the progress bar says what it does
     rates = np.array(json.loads(Path(report["cache_file"]).read_text())["rates"])
     probes = report["probes"]
-    want, _ = choose_budget(rates, STEEP, (a, b), scale={p["nodes"]: p["scale"] for p in probes})
-    assert report["nodes"] == engine.drafter.shape.nodes == want
-    assert probes[-1]["nodes"] == TR.shape.nodes and probes[-1]["scale"] == 1.0
+    best, curve = choose_budget(rates, MILD, (a, b), scale={p["nodes"]: p["scale"] for p in probes})
+    assert report["ar_tokens_per_second"] == pytest.approx(1 / (MILD[1] + a))  # AR timed in the same loop
+    assert report["curve"][0] == {"nodes": 0, "expected_tau": 1.0, "tokens_per_second": report["ar_tokens_per_second"]}
+    assert [c["tokens_per_second"] for c in report["curve"][1:]] == pytest.approx([c["tokens_per_second"] for c in curve])
+    assert report["pays"]
+    assert report["nodes"] == engine.drafter.shape.nodes == best > 0
+    # the full tree's rates count accepted nodes, its tau committed tokens (a step that reaches the token limit
+    # commits fewer than it accepted)
+    assert probes[-1]["nodes"] == TR.shape.nodes and 0.5 < probes[-1]["scale"] <= 1.0
     assert 2 <= len(probes) <= 1 + auto.PROBES and all(p["scale"] > 0 for p in probes)
     assert report["overhead_seconds"] == [pytest.approx(a), pytest.approx(b)]
     monkeypatch.setattr(auto, "generate", real)
@@ -231,31 +239,47 @@ def test_cost_curve_measures_only_the_sizes_it_lacks(tiny, cache):
     assert len(seen) == 1
 
 
-def test_budget_is_chosen_for_the_batch_size(tiny, cache):
-    """Calibration decodes each prompt as `batch` copies of itself: the acceptance rates are one sequence's (every
-    copy writes the same greedy text), the choice is cached per batch size, and the tree decodes AR's text at
-    that batch."""
+def test_budget_is_chosen_for_the_batch_size(tiny, cache, monkeypatch):
+    """At batch N calibration decodes batches of N different prompts (ragged acceptance, as in a real batch), the
+    choice is cached per batch size, and the tree decodes AR's text at that batch."""
     params, cfg = tiny
+    batches = []
+    real = auto.generate
+
+    def recorded(engine, params, prompts, *args, **kwargs):
+        batches.append(prompts)
+        return real(engine, params, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(auto, "generate", recorded)
     one, at_one = _auto(Engine(cfg, TR), params)
+    assert all(len(p) == 1 for p in batches)
+    batches.clear()
     two, at_two = _auto(Engine(cfg, TR), params, batch=2)
+    assert batches and all(len(p) == 2 and p[0] != p[1] for p in batches)
+    assert {tuple(p[0]) for p in batches} == {tuple(p) for p in PROMPTS}  # every prompt leads a batch
     assert at_one["batch"] == 1 and at_two["batch"] == 2 and at_one["cache_file"] != at_two["cache_file"]
-    rates = [json.loads(Path(r["cache_file"]).read_text())["rates"] for r in (at_one, at_two)]
-    np.testing.assert_allclose(rates[0], rates[1])
-    assert at_two["expected_tau"] == pytest.approx(at_one["expected_tau"])
+    monkeypatch.setattr(auto, "generate", real)
     ar = generate(Engine(cfg), params, PROMPTS[:2], 24).token_ids
     assert generate(two, params, PROMPTS[:2], 24).token_ids == ar
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_report_says_whether_any_tree_beats_ar(tiny, cache, flat):
+def test_no_tree_when_none_beats_ar(tiny, cache, flat):
     """On a device where every verified token costs a whole step (a large batch on a compute-bound CPU), no tree
-    can beat AR; where verifying more tokens is nearly free, the chosen tree does."""
+    can beat AR and auto decodes without one, as AR (cached like any choice); where verifying more tokens is
+    nearly free, the chosen tree does."""
     params, cfg = tiny
     cost = {t: 0.01 * (1 + 0.001 * t) for t in range(1, 26)} if flat else STEEP
-    _, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=cost, probes=0)
-    assert report["ar_tokens_per_second"] == pytest.approx(1 / cost[1])
+    engine, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=cost, probes=0)
+    assert report["ar_tokens_per_second"] == pytest.approx(1 / cost[1])  # probes=0: the cost model's AR
     assert report["cost_seconds"] == cost  # what the choice was made on, for plots (notebook 03)
-    assert report["pays"] is flat
+    assert report["pays"] is flat and (report["nodes"] > 0) is flat
+    assert report["best_tree_tokens_per_second"] == max(c["tokens_per_second"] for c in report["curve"][1:])
+    assert engine.drafter.shape.nodes == report["nodes"] and (engine.drafter.name == "ar") is not flat
+    cached, again = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=cost, probes=0)
+    assert again["cached"] and cached.drafter == engine.drafter
+    ar = generate(Engine(cfg), params, PROMPTS, 24).token_ids
+    assert generate(engine, params, PROMPTS, 24).token_ids == ar
 
 
 def test_cost_curve_is_measured_and_cached_per_batch_size(tiny, cache):

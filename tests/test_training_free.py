@@ -240,8 +240,12 @@ def test_auto_budget_end_to_end(tiny):
     params, cfg = tiny
     prompts = _repetitive_prompts()
     tr = TokenRecycling(k=4, levels=(4, 6, 4, 2))
-    steep = {t: 0.01 * t for t in range(1, 18)}  # every verified token costs a full step
-    engine, report = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=steep, probes=0,
+    steep = {t: 0.01 * t for t in range(1, 18)}  # every verified token costs a full step: no tree beats AR
+    engine_steep, report_steep = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=steep,
+                                             probes=0, use_cache=False)
+    assert report_steep["nodes"] == engine_steep.drafter.shape.nodes == 0 and not report_steep["pays"]
+    mild = {t: 0.01 * (1 + 0.2 * (t - 1)) for t in range(1, 18)}  # a fifth of a step
+    engine, report = auto_budget(Engine(cfg, tr), params, prompts, max_new_tokens=30, cost=mild, probes=0,
                                  use_cache=False)
     assert 1 <= report["nodes"] < tr.shape.nodes and engine.drafter.shape.nodes == report["nodes"]
     flat = {1: 0.01, 17: 0.0101}
@@ -249,7 +253,7 @@ def test_auto_budget_end_to_end(tiny):
                                            use_cache=False)
     assert report_flat["nodes"] >= report["nodes"]
     ar = generate(Engine(cfg), params, prompts, 30).token_ids
-    assert generate(engine, params, prompts, 30).token_ids == ar
+    assert generate(engine, params, prompts, 30).token_ids == generate(engine_steep, params, prompts, 30).token_ids == ar
 
 
 def test_measure_forward_cost(tiny, tmp_path, monkeypatch):

@@ -299,6 +299,12 @@ def write_report(out_dir: Path, results: dict, greedy: bool = True) -> str:
     if budgets:
         lines += ["", "## Draft budgets chosen by --budget auto", ""]
         for m, b in budgets.items():
+            if b["nodes"] == 0:  # no tree expected to beat AR: decoded as AR
+                lines.append(f"- {m}: no tree, decoded as AR (best of {b.get('of_nodes', '?')} nodes: "
+                             f"{b.get('best_tree_nodes', '?')}, expected {_fmt(b.get('best_tree_tokens_per_second'))} "
+                             f"tokens/s per sequence against AR's {_fmt(b.get('ar_tokens_per_second'))}; "
+                             f"calibration tau {_fmt(b.get('calibration_tau'))})")
+                continue
             lines.append(f"- {m}: {b['nodes']} of {b.get('of_nodes', '?')} nodes (depth {b.get('depth', '?')}, "
                          f"expected tau {_fmt(b.get('expected_tau'))}, "
                          f"calibration tau {_fmt(b.get('calibration_tau'))})")

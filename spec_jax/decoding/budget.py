@@ -24,6 +24,14 @@ each on a CPU), and once pruned the run no longer sees how often the nodes outsi
 accepted, so it would have to keep verifying the large tree it is trying to avoid. A calibration that
 is measured once and cached costs nothing on later runs.
 
+AR is decoded and timed in the same loop too, and when no sub-tree is expected to beat it the choice is no tree at
+all: the engine decodes as `--method ar` does (nodes 0 in the report). That happens on this 2-core CPU at batch
+sizes above one, where verifying grows with batch x nodes while AR reads the weights once for the whole batch.
+At a batch size above one every sequence of a calibration batch gets a different prompt (the calibration prompts,
+rotated), so the step times and the acceptance counted per sequence slot include the raggedness of a real batch:
+a step costs the whole batch's forward however many of its sequences accept, and sequences that finish early
+leave their slots idle until the last one is done.
+
 The choice (node count, the per-slot rates the tree is pruned by) is cached on disk, keyed by the
 model's files and shapes, the device kind, the jax version, the drafter's settings, its trained weights,
 the sampling, the calibration itself and the batch size; a later run prunes from the cached rates and decodes nothing
@@ -43,6 +51,7 @@ import numpy as np
 
 from spec_jax.decoding.engine import Engine
 from spec_jax.decoding.generate import Generation, generate
+from spec_jax.drafters.base import Drafter
 from spec_jax.drafters.head_checkpoints import weights_fingerprint
 from spec_jax.errors import InvalidArgumentError
 from spec_jax.metrics import tau
@@ -60,7 +69,7 @@ WARMUP_PROMPTS = 1  # calibration prompts that only warm the drafter's state (an
 RATE_PROMPTS = 3  # then prompts decoded with the large tree: acceptance per node slot, step time
 PROBES = 2  # then sub-trees decoded and timed, to correct the model of step time and acceptance
 CALIBRATION_TOKENS = 128  # new tokens per calibration prompt
-CALIBRATION_VERSION = 4  # in the cache key: bump when calibration changes what it measures
+CALIBRATION_VERSION = 5  # in the cache key: bump when calibration changes what it measures
 
 
 def parse_budget(text) -> int | str | None:
@@ -84,7 +93,7 @@ def apply_budget(engine: Engine, budget, params, *, weights=None, carry=None, ca
 
     A fixed N keeps the N nodes of the template that its own rank prior ranks first; 'auto' takes the
     choice cached for this model, device and drafter, else calibrates on the `calibration` prompts (see
-    `auto_budget`).
+    `auto_budget`); it may choose no tree (AR's drafter) where none is expected to beat AR.
     """
     budget = parse_budget(budget)
     if budget is None:
@@ -136,18 +145,19 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
     if use_cache:
         write_cache(path, {"method": drafter.name, "choice": n, "rates": rates.tolist(), "report": report},
                     f"{drafter.name} budget")
-    return (dataclasses.replace(engine, drafter=drafter.pruned(n, rates)),
+    return (dataclasses.replace(engine, drafter=_tree(drafter, n, rates)),
             {**report, "cached": False, "cache_file": str(path) if use_cache else None})
 
 
 def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None, carry=None,
               max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
               progress: bool = False, batch: int = 1) -> tuple[int, np.ndarray, dict]:
-    """(node count to prune to, acceptance rate of every node slot of the drafter's tree, report); see the module
-    docstring for the plan. Each prompt is decoded as a batch of `batch` copies of itself: greedy decoding gives
-    every copy the same text and acceptance, so the rates are those of one sequence while the forward costs and
-    step times are those of the run's batch (verification grows with batch x nodes; on a compute-bound device a
-    large batch leaves a tree little room)."""
+    """(node count to prune to, 0 for no tree (AR), acceptance rate of every node slot of the drafter's tree,
+    report); see the module docstring for the plan. Each calibration batch holds `batch` different prompts (the
+    list rotated), so the rates are per sequence slot and loop step, idle slots of finished sequences included,
+    and the forward costs and step times are those of the run's batch (verification grows with batch x nodes; on
+    a compute-bound device a large batch leaves a tree little room). With `probes=0` the choice rests on the cost
+    model alone, AR's step included (cost(1)); otherwise AR is decoded and timed like the trees."""
     from tqdm import tqdm
 
     drafter = engine.drafter
@@ -155,43 +165,51 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
     if cost is None:
         cost = _forward_cost(engine, params, N, progress, batch)
     k = min(WARMUP_PROMPTS, len(prompts) - 1)
+    groups = [[prompts[(g + j) % len(prompts)] for j in range(batch)] for g in range(len(prompts))]
     size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
-    bar = tqdm(total=(len(prompts) + probes) * max_new_tokens, desc=f"budget auto: warming up {drafter.name}",
-               unit="tok", disable=not progress, leave=False)
+    bar = tqdm(total=(len(prompts) + probes + (probes > 0)) * max_new_tokens,
+               desc=f"budget auto: warming up {drafter.name}", unit="tok", disable=not progress, leave=False)
 
-    def decode(eng: Engine, prompt: list[int], state) -> Generation:
+    def decode(eng: Engine, group: list[list[int]], state) -> Generation:
         done = [0]
 
         def stream(outs):
-            bar.update(len(outs[0]) - done[0])
-            done[0] = len(outs[0])
+            bar.update(max(map(len, outs)) - done[0])
+            done[0] = max(map(len, outs))
 
-        gen = generate(eng, params, [prompt] * batch, max_new_tokens, weights=weights, carry=state,
-                       cache_size=size, stream=stream if progress else None)
+        gen = generate(eng, params, group, max_new_tokens, weights=weights, carry=state, cache_size=size,
+                       stream=stream if progress else None)
         bar.update(max_new_tokens - done[0])  # a run that ended early (end of sequence) still did its share
         return gen
 
     def compile_(eng: Engine) -> None:  # one step, so that no timed run includes compilation
-        generate(eng, params, [prompts[0]] * batch, 2, weights=weights, carry=carry, cache_size=size)
+        generate(eng, params, groups[0], 2, weights=weights, carry=carry, cache_size=size)
 
     with bar:
-        for prompt in prompts[:k]:
-            carry = decode(engine, prompt, carry).carry
+        for group in groups[:k]:
+            carry = decode(engine, group, carry).carry
         bar.set_description(f"budget auto: acceptance of {drafter.name}'s {N}-node tree")
         compile_(engine)
-        runs = []  # per prompt: (hits per node slot, decode steps, the run)
-        for prompt in prompts[k:]:
-            gen = decode(engine, prompt, carry)
+        runs = []  # per batch: (hits per node slot per sequence, loop steps, the run)
+        for group in groups[k:]:
+            gen = decode(engine, group, carry)
             carry = gen.carry
-            runs.append((np.asarray(gen.node_hits, np.float64) / batch, gen.target_forwards[0] - 1, gen))
+            runs.append((np.asarray(gen.node_hits, np.float64) / batch, _loop_steps(gen), gen))
         steps = sum(r[1] for r in runs)
         rates = sum(r[0] for r in runs) / max(steps, 1)
+        tau_N = 1 + sum(_slot_tokens(r[2], batch) for r in runs) / max(steps, 1)
         timed = {N: {"nodes": N, "step_seconds": sum(_decode_seconds(r[2]) for r in runs) / max(steps, 1),
-                     "tau": tau(sum(r[2].new_tokens for r in runs) / batch, steps + len(runs), len(runs)),
-                     "scale": 1.0}}
-        n, curve = _choose(rates, cost, timed)
-        for i in range(probes):
-            tree = drafter.pruned(n, rates)
+                     "tau": tau_N, "scale": (tau_N - 1) / rates.sum() if rates.sum() > 0 else 1.0}}
+        ar = 1.0 / interpolate_cost(cost, 1)  # the cost model's AR step (a one-token forward), without probes
+        if probes > 0:  # AR decoded and timed in the same loop as the trees
+            bar.set_description("budget auto: timing AR")
+            plain = dataclasses.replace(engine, drafter=Drafter())
+            compile_(plain)
+            gen = decode(plain, groups[k], carry)  # AR ignores the carry; the same one keeps the compiled shapes
+            ar = (gen.new_tokens - batch) / batch / _decode_seconds(gen)  # tokens/s per sequence
+        n, curve = _choose(rates, cost, timed, ar)
+        for i in range(probes):  # the best tree is timed even when AR leads: the estimate may sell it short
+            tree = drafter.pruned(_best_tree(curve)["nodes"], rates)
             m = tree.shape.nodes
             if m in timed:
                 break
@@ -199,34 +217,58 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
             probe = dataclasses.replace(engine, drafter=tree)
             compile_(probe)
             hits, steps_j, _ = runs[i % len(runs)]
-            gen = decode(probe, prompts[k + i % len(runs)], carry)  # the same text again (greedy)
+            gen = decode(probe, groups[k + i % len(runs)], carry)  # the same text again (greedy)
             carry = gen.carry
-            if gen.target_forwards[0] > 1:
+            if _loop_steps(gen) > 0:
                 predicted = (hits[np.argsort(-rates, kind="stable")[:m]] / max(steps_j, 1)).sum()
-                timed[m] = {"nodes": m, "step_seconds": _decode_seconds(gen) / (gen.target_forwards[0] - 1),
-                            "tau": gen.tau, "scale": (gen.tau - 1) / predicted if predicted > 0 else 1.0}
-            n, curve = _choose(rates, cost, timed)
+                measured = _slot_tokens(gen, batch) / _loop_steps(gen)
+                timed[m] = {"nodes": m, "step_seconds": _decode_seconds(gen) / _loop_steps(gen),
+                            "tau": 1 + measured, "scale": measured / predicted if predicted > 0 else 1.0}
+            n, curve = _choose(rates, cost, timed, ar)
         bar.total = bar.n  # probes that were not needed
-    tree = drafter.pruned(n, rates)
-    best = next(c for c in curve if c["nodes"] == n)
-    ar = 1.0 / interpolate_cost(cost, 1)  # AR: a one-token forward a step (its sampling, loop: not counted)
+    best, best_tree = next(c for c in curve if c["nodes"] == n), _best_tree(curve)
+    tree = _tree(drafter, n, rates)
     report = {"nodes": tree.shape.nodes, "depth": tree.shape.depth, "of_nodes": N, "batch": batch,
               "expected_tau": best["expected_tau"], "expected_tokens_per_second": best["tokens_per_second"],
-              "ar_tokens_per_second": ar, "pays": bool(best["tokens_per_second"] > ar),
+              "ar_tokens_per_second": ar, "pays": bool(best_tree["tokens_per_second"] > ar),
+              "best_tree_nodes": best_tree["nodes"], "best_tree_tokens_per_second": best_tree["tokens_per_second"],
               "calibration_tau": timed[N]["tau"], "probes": [timed[m] for m in sorted(timed)],
               "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "cost_seconds": cost,
               "curve": curve}
     return n, rates, report
 
 
+def _tree(drafter, n: int, rates: np.ndarray | None):
+    """The drafter pruned to n nodes; n = 0 is no tree at all (AR)."""
+    return Drafter() if n == 0 else drafter.pruned(n, rates)
+
+
+def _best_tree(curve: list[dict]) -> dict:
+    return max((c for c in curve if c["nodes"] > 0), key=lambda c: c["tokens_per_second"])
+
+
+def _loop_steps(gen: Generation) -> int:
+    """Steps the decode loop ran after prefill (a batch steps until its last sequence is done)."""
+    return max(gen.target_forwards) - 1
+
+
+def _slot_tokens(gen: Generation, batch: int) -> float:
+    """Accepted draft tokens per sequence slot: what a batch's steps committed beyond one token per step and slot
+    (finished sequences' idle slots count as committing nothing, so raggedness lowers it)."""
+    return (gen.new_tokens - batch) / batch - _loop_steps(gen)
+
+
 def _decode_seconds(gen: Generation) -> float:
     return gen.seconds - gen.prefill_seconds
 
 
-def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict]) -> tuple[int, list[dict]]:
-    """The best node count under the step cost and acceptance corrected by the trees timed so far."""
-    return choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost),
-                         scale={m: t["scale"] for m, t in timed.items()})
+def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict], ar: float) -> tuple[int, list[dict]]:
+    """The best node count under the step cost and acceptance corrected by the trees timed so far, 0 (no tree)
+    when none is expected to beat AR's `ar` tokens/s; the curve starts with AR at 0 nodes."""
+    _, curve = choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost),
+                             scale={m: t["scale"] for m, t in timed.items()})
+    curve = [{"nodes": 0, "expected_tau": 1.0, "tokens_per_second": ar}, *curve]
+    return max(curve, key=lambda c: c["tokens_per_second"])["nodes"], curve
 
 
 def _step_seconds(timed: dict[int, dict]) -> dict[int, float]:
@@ -277,14 +319,15 @@ def choice_file(engine: Engine, params, weights, calibration: list[list[int]], m
 
 
 def _parse_choice(data: dict, drafter):
-    """(pruned drafter, report) from a cache entry, or ValueError when it does not fit this drafter."""
+    """(pruned drafter, or AR's for a choice of 0 nodes; report) from a cache entry, or ValueError when it does not
+    fit this drafter."""
     N = drafter.shape.nodes
     rates = np.asarray(data["rates"], np.float64)
     n = data["choice"]
-    if rates.shape != (N,) or not np.all(np.isfinite(rates)) or not isinstance(n, int) or not 1 <= n <= N:
+    if rates.shape != (N,) or not np.all(np.isfinite(rates)) or not isinstance(n, int) or not 0 <= n <= N:
         raise ValueError(f"not a choice for a {N}-node tree")
     report = dict(data["report"])
-    pruned = drafter.pruned(n, rates)
+    pruned = _tree(drafter, n, rates)
     if pruned.shape.nodes != report["nodes"]:
         raise ValueError(f"the cached tree has {report['nodes']} nodes, pruning gives {pruned.shape.nodes}")
     return pruned, report

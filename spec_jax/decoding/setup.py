@@ -180,7 +180,8 @@ class Prepared:
 def prepare(name: str, args, target: registry.Target, sampling: Sampling | None = None, batch: int = 1) -> Prepared:
     """Build method `name` from the flags, wrap it in an engine on the target's mesh, size its tree (`--budget`;
     'auto' takes the choice cached for this model, device, method and `batch` size, else calibrates with a
-    progress bar, and warns when no tree of the method is expected to beat AR at that batch size)."""
+    progress bar, and says so when no tree of the method is expected to beat AR at that batch size: then it decodes
+    without one)."""
     from spec_jax.models.registry import model_fingerprint
     from spec_jax.text import calibration_prompts
 
@@ -198,9 +199,10 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
         calibration=calibration_prompts(target.tokenizer, WARMUP_PROMPTS + RATE_PROMPTS) if auto else None,
         model_id=model_fingerprint(model) if auto and model is not None else None,
         recalibrate=getattr(args, "recalibrate", False), progress=jax.process_index() == 0, batch=batch)
-    if report is not None and report.get("pays") is False and jax.process_index() == 0:
-        print(f"spec-jax: warning: at batch {batch} no tree of {name} is expected to beat AR on this device "
-              f"({report['expected_tokens_per_second']:.1f} against {report['ar_tokens_per_second']:.1f} tokens/s "
-              f"per sequence): verification grows with batch x nodes; --method ar is the faster choice here",
-              file=sys.stderr)
+    if report is not None and report.get("nodes") == 0 and jax.process_index() == 0:
+        print(f"spec-jax: note: --budget auto decodes {name} without a tree (as --method ar): at batch {batch} its "
+              f"best tree ({report['best_tree_nodes']} nodes) is expected to reach "
+              f"{report['best_tree_tokens_per_second']:.1f} tokens/s per sequence on this device against AR's "
+              f"{report['ar_tokens_per_second']:.1f} (verification grows with batch x nodes); a fixed --budget N "
+              "keeps a tree", file=sys.stderr)
     return Prepared(engine=engine, built=built, budget=report)

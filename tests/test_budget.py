@@ -184,7 +184,8 @@ def test_calibration_times_the_chosen_trees_and_stays_greedy_exact(tiny, cache, 
     best, curve = choose_budget(rates, MILD, (a, b), scale={p["nodes"]: p["scale"] for p in probes})
     assert report["ar_tokens_per_second"] == pytest.approx(1 / (MILD[1] + a))  # AR timed in the same loop
     assert report["curve"][0] == {"nodes": 0, "expected_tau": 1.0, "tokens_per_second": report["ar_tokens_per_second"]}
-    assert [c["tokens_per_second"] for c in report["curve"][1:]] == pytest.approx([c["tokens_per_second"] for c in curve])
+    expected = [c["tokens_per_second"] for c in curve]
+    assert [c["tokens_per_second"] for c in report["curve"][1:]] == pytest.approx(expected)
     assert report["pays"]
     assert report["nodes"] == engine.drafter.shape.nodes == best > 0
     # the full tree's rates count accepted nodes, its tau committed tokens (a step that reaches the token limit

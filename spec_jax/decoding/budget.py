@@ -54,7 +54,6 @@ from spec_jax.decoding.generate import Generation, generate
 from spec_jax.drafters.base import Drafter
 from spec_jax.drafters.head_checkpoints import weights_fingerprint
 from spec_jax.errors import InvalidArgumentError
-from spec_jax.metrics import tau
 from spec_jax.policies.budget import (
     cache_file,
     choose_budget,

@@ -110,8 +110,7 @@ def _budget_line(budget: dict) -> str:
     """What `--budget` chose, and for 'auto' whether it was calibrated now or taken from the cache."""
     text = f"{budget['nodes']}-node tree"
     if budget["nodes"] == 0:
-        text = (f"no tree (AR: {budget['ar_tokens_per_second']:.1f} tokens/s per sequence against "
-                f"{budget['best_tree_tokens_per_second']:.1f} expected of the best tree)")
+        text = "no tree: decoding as AR"
     elif "depth" in budget:
         text += f" (depth {budget['depth']}, expected tau {budget['expected_tau']:.2f})"
     if budget.get("cached"):

@@ -198,6 +198,25 @@ def test_calibration_times_the_chosen_trees_and_stays_greedy_exact(tiny, cache, 
     assert generate(engine, params, PROMPTS, 24).token_ids == ar
 
 
+def test_no_tree_when_ar_is_measured_faster(tiny, cache, monkeypatch):
+    """Where every verified token costs a whole step, AR's measured step beats every tree: the best tree is still
+    timed (a probe), then auto chooses no tree and decodes as AR."""
+    params, cfg = tiny
+    real = auto.generate
+
+    def timed(engine, *args, **kwargs):  # the real decoding, with the step time STEEP says
+        gen = real(engine, *args, **kwargs)
+        n = engine.drafter.shape.nodes
+        return dataclasses.replace(gen, seconds=gen.prefill_seconds + (max(gen.target_forwards) - 1) * STEEP[n + 1])
+
+    monkeypatch.setattr(auto, "generate", timed)
+    engine, report = auto.auto_budget(Engine(cfg, TR), params, PROMPTS, max_new_tokens=24, cost=STEEP)
+    assert report["nodes"] == 0 and not report["pays"] and engine.drafter.name == "ar"
+    assert report["ar_tokens_per_second"] == pytest.approx(1 / STEEP[1])
+    assert [p["nodes"] for p in report["probes"]] == [report["best_tree_nodes"], TR.shape.nodes]
+    assert report["best_tree_tokens_per_second"] < report["ar_tokens_per_second"]
+
+
 def test_recalibrate_without_budget_auto_is_reported_as_ignored():
     args = argparse.Namespace(recalibrate=True, budget="6")
     assert any("--recalibrate" in flag for flag in check_method_args("token_recycling", args))
@@ -256,8 +275,9 @@ def test_budget_is_chosen_for_the_batch_size(tiny, cache, monkeypatch):
     assert all(len(p) == 1 for p in batches)
     batches.clear()
     two, at_two = _auto(Engine(cfg, TR), params, batch=2)
-    assert batches and all(len(p) == 2 and p[0] != p[1] for p in batches)
-    assert {tuple(p[0]) for p in batches} == {tuple(p) for p in PROMPTS}  # every prompt leads a batch
+    groups = {tuple(map(tuple, p)) for p in batches}  # a batch is decoded more than once (compiling, probes, AR)
+    assert all(len(g) == 2 and g[0] != g[1] for g in groups)
+    assert sorted(p for g in groups for p in g) == sorted(map(tuple, PROMPTS))  # no text in two batches
     assert at_one["batch"] == 1 and at_two["batch"] == 2 and at_one["cache_file"] != at_two["cache_file"]
     monkeypatch.setattr(auto, "generate", real)
     ar = generate(Engine(cfg), params, PROMPTS[:2], 24).token_ids

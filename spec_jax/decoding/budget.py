@@ -24,13 +24,14 @@ each on a CPU), and once pruned the run no longer sees how often the nodes outsi
 accepted, so it would have to keep verifying the large tree it is trying to avoid. A calibration that
 is measured once and cached costs nothing on later runs.
 
-AR is decoded and timed in the same loop too, and when no sub-tree is expected to beat it (by `AR_MARGIN`) the
-choice is no tree at all: the engine decodes as `--method ar` does (nodes 0 in the report). That happens on this 2-core CPU at batch
-sizes above one, where verifying grows with batch x nodes while AR reads the weights once for the whole batch.
-At a batch size above one every sequence of a calibration batch gets a different prompt (the calibration prompts,
-rotated), so the step times and the acceptance counted per sequence slot include the raggedness of a real batch:
-a step costs the whole batch's forward however many of its sequences accept, and sequences that finish early
-leave their slots idle until the last one is done.
+AR is decoded and timed in the same loop too, and when no sub-tree is expected to beat it (by `AR_MARGIN`)
+the choice is no tree at all: the engine decodes as `--method ar` does (nodes 0 in the report). That happens on
+this 2-core CPU at batch sizes above one, where verifying grows with batch x nodes while AR reads the weights
+once for the whole batch. At a batch size above one every sequence of a calibration batch gets a different
+prompt (the calling run supplies `batch` times as many calibration prompts, and batches do not share text where
+the list allows), so the step times and the acceptance counted per sequence slot include the raggedness of a
+real batch: a step costs the whole batch's forward however many of its sequences accept, and sequences that
+finish early leave their slots idle until the last one is done.
 
 The choice (node count, the per-slot rates the tree is pruned by) is cached on disk, keyed by the
 model's files and shapes, the device kind, the jax version, the drafter's settings, its trained weights,
@@ -118,7 +119,8 @@ def auto_budget(engine: Engine, params, calibration: list[list[int]], *, weights
                 max_new_tokens: int = CALIBRATION_TOKENS, cost: dict[int, float] | None = None, probes: int = PROBES,
                 model_id=None, use_cache: bool = True, recalibrate: bool = False,
                 progress: bool = False, batch: int = 1) -> tuple[Engine, dict]:
-    """(engine with the pruned tree, report): the cached choice, else a calibration (then cached).
+    """(engine with the pruned tree, or AR's drafter when no tree is chosen; report): the cached choice, else a
+    calibration (then cached).
 
     `carry` is the drafter state the run starts from; calibration warms a copy of it. `cost` replaces the
     measured verification cost (tests: then `probes=0`, as measured steps would not match it); `model_id`
@@ -168,7 +170,11 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
     if cost is None:
         cost = _forward_cost(engine, params, N, progress, batch)
     k = min(WARMUP_PROMPTS, len(prompts) - 1)
-    groups = [[prompts[(g + j) % len(prompts)] for j in range(batch)] for g in range(len(prompts))]
+    # batches of `batch` prompts, disjoint as far as the list allows (a drafter that learns, like Token Recycling,
+    # would accept more on text it has already decoded)
+    count = max(len(prompts) // batch, 2 if len(prompts) > 1 else 1)
+    groups = [[prompts[(g * batch + j) % len(prompts)] for j in range(batch)] for g in range(count)]
+    k = min(k, count - 1)
     size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
     bar = tqdm(total=(len(prompts) + probes + (probes > 0)) * max_new_tokens,
                desc=f"budget auto: warming up {drafter.name}", unit="tok", disable=not progress, leave=False)
@@ -209,8 +215,13 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
             plain = dataclasses.replace(engine, drafter=Drafter())
             compile_(plain)
             gen = decode(plain, groups[k], carry)  # AR ignores the carry; the same one keeps the compiled shapes
-            ar = (gen.new_tokens - batch) / batch / _decode_seconds(gen)  # tokens/s per sequence
-        n, curve = _choose(rates, cost, timed, ar)
+            if _loop_steps(gen) > 0:
+                ar = gen.decode_tokens / batch / _decode_seconds(gen)  # tokens/s per sequence
+
+        def fit() -> tuple[float, float]:  # with probes=0 the choice rests on the cost model alone
+            return fit_overhead(_step_seconds(timed), cost) if probes > 0 else (0.0, 0.0)
+
+        n, curve = _choose(rates, cost, timed, ar, fit())
         for i in range(probes):  # the best tree is timed even when AR leads: the estimate may sell it short
             tree = drafter.pruned(_best_tree(curve)["nodes"], rates)
             m = tree.shape.nodes
@@ -227,16 +238,16 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
                 measured = _slot_tokens(gen, batch) / _loop_steps(gen)
                 timed[m] = {"nodes": m, "step_seconds": _decode_seconds(gen) / _loop_steps(gen),
                             "tau": 1 + measured, "scale": measured / predicted if predicted > 0 else 1.0}
-            n, curve = _choose(rates, cost, timed, ar)
+            n, curve = _choose(rates, cost, timed, ar, fit())
         bar.total = bar.n  # probes that were not needed
     best, best_tree = next(c for c in curve if c["nodes"] == n), _best_tree(curve)
     tree = _tree(drafter, n, rates)
     report = {"nodes": tree.shape.nodes, "depth": tree.shape.depth, "of_nodes": N, "batch": batch,
               "expected_tau": best["expected_tau"], "expected_tokens_per_second": best["tokens_per_second"],
-              "ar_tokens_per_second": ar, "pays": bool(best_tree["tokens_per_second"] > ar),
+              "ar_tokens_per_second": ar, "ar_margin": AR_MARGIN, "pays": n > 0,
               "best_tree_nodes": best_tree["nodes"], "best_tree_tokens_per_second": best_tree["tokens_per_second"],
               "calibration_tau": timed[N]["tau"], "probes": [timed[m] for m in sorted(timed)],
-              "overhead_seconds": list(fit_overhead(_step_seconds(timed), cost)), "cost_seconds": cost,
+              "overhead_seconds": list(fit()), "cost_seconds": cost,
               "curve": curve}
     return n, rates, report
 
@@ -258,18 +269,19 @@ def _loop_steps(gen: Generation) -> int:
 def _slot_tokens(gen: Generation, batch: int) -> float:
     """Accepted draft tokens per sequence slot: what a batch's steps committed beyond one token per step and slot
     (finished sequences' idle slots count as committing nothing, so raggedness lowers it)."""
-    return (gen.new_tokens - batch) / batch - _loop_steps(gen)
+    return gen.decode_tokens / batch - _loop_steps(gen)
 
 
 def _decode_seconds(gen: Generation) -> float:
     return gen.seconds - gen.prefill_seconds
 
 
-def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict], ar: float) -> tuple[int, list[dict]]:
-    """The best node count under the step cost and acceptance corrected by the trees timed so far, 0 (no tree)
-    when none is expected to beat AR's `ar` tokens/s by `AR_MARGIN`; the curve starts with AR at 0 nodes."""
-    n, curve = choose_budget(rates, cost, fit_overhead(_step_seconds(timed), cost),
-                             scale={m: t["scale"] for m, t in timed.items()})
+def _choose(rates: np.ndarray, cost: dict[int, float], timed: dict[int, dict], ar: float,
+            overhead: tuple[float, float]) -> tuple[int, list[dict]]:
+    """The best node count under the step cost (forward plus `overhead`) and acceptance corrected by the trees timed
+    so far, 0 (no tree) when none is expected to beat AR's `ar` tokens/s by `AR_MARGIN`; the curve starts with AR at
+    0 nodes."""
+    n, curve = choose_budget(rates, cost, overhead, scale={m: t["scale"] for m, t in timed.items()})
     best = next(c for c in curve if c["nodes"] == n)
     return (n if best["tokens_per_second"] > ar * (1 + AR_MARGIN) else 0,
             [{"nodes": 0, "expected_tau": 1.0, "tokens_per_second": ar}, *curve])

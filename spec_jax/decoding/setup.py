@@ -196,13 +196,15 @@ def prepare(name: str, args, target: registry.Target, sampling: Sampling | None 
     model = getattr(args, "model", None)
     engine, report = apply_budget(
         engine, budget, target.params, weights=built.weights, carry=built.carry,
-        calibration=calibration_prompts(target.tokenizer, WARMUP_PROMPTS + RATE_PROMPTS) if auto else None,
+        calibration=calibration_prompts(target.tokenizer, (WARMUP_PROMPTS + RATE_PROMPTS) * batch) if auto else None,
         model_id=model_fingerprint(model) if auto and model is not None else None,
         recalibrate=getattr(args, "recalibrate", False), progress=jax.process_index() == 0, batch=batch)
     if report is not None and report.get("nodes") == 0 and jax.process_index() == 0:
         print(f"spec-jax: note: --budget auto decodes {name} without a tree (as --method ar): at batch {batch} its "
               f"best tree ({report['best_tree_nodes']} nodes) is expected to reach "
               f"{report['best_tree_tokens_per_second']:.1f} tokens/s per sequence on this device against AR's "
-              f"{report['ar_tokens_per_second']:.1f} (verification grows with batch x nodes); a fixed --budget N "
-              "keeps a tree", file=sys.stderr)
+              f"{report['ar_tokens_per_second']:.1f}, and a tree is kept only when it beats AR by "
+              f"{report['ar_margin']:.0%} (verification grows with batch x nodes); a fixed --budget N keeps a tree"
+              + ("; the drafter's saved state (e.g. --tr-matrix) is not updated by this run" if built.save else ""),
+              file=sys.stderr)
     return Prepared(engine=engine, built=built, budget=report)

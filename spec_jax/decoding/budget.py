@@ -159,32 +159,33 @@ def calibrate(engine: Engine, params, prompts: list[list[int]], *, weights=None,
               progress: bool = False, batch: int = 1) -> tuple[int, np.ndarray, dict]:
     """(node count to prune to, 0 for no tree (AR), acceptance rate of every node slot of the drafter's tree,
     report); see the module docstring for the plan. Each calibration batch holds `batch` different prompts (the
-    list rotated), so the rates are per sequence slot and loop step, idle slots of finished sequences included,
-    and the forward costs and step times are those of the run's batch (verification grows with batch x nodes; on
-    a compute-bound device a large batch leaves a tree little room). With `probes=0` the choice rests on the cost
-    model alone, AR's step included (cost(1)); otherwise AR is decoded and timed like the trees."""
+    next slice of the list, wrapping round only when it runs out), so the rates are per sequence slot and loop
+    step, idle slots of finished sequences included, and the forward costs and step times are those of the run's
+    batch (verification grows with batch x nodes; on a compute-bound device a large batch leaves a tree little
+    room). With `probes=0` the choice rests on the cost model alone, AR's step included (cost(1)); otherwise AR is
+    decoded and timed like the trees."""
     from tqdm import tqdm
 
     drafter = engine.drafter
     N = drafter.shape.nodes
     if cost is None:
         cost = _forward_cost(engine, params, N, progress, batch)
-    k = min(WARMUP_PROMPTS, len(prompts) - 1)
     # batches of `batch` prompts, disjoint as far as the list allows (a drafter that learns, like Token Recycling,
     # would accept more on text it has already decoded)
     count = max(len(prompts) // batch, 2 if len(prompts) > 1 else 1)
     groups = [[prompts[(g * batch + j) % len(prompts)] for j in range(batch)] for g in range(count)]
-    k = min(k, count - 1)
+    k = min(WARMUP_PROMPTS, count - 1)
     size = engine.cache_size(max(map(len, prompts)), max_new_tokens)
-    bar = tqdm(total=(len(prompts) + probes + (probes > 0)) * max_new_tokens,
+    bar = tqdm(total=(count + probes + (probes > 0)) * max_new_tokens,
                desc=f"budget auto: warming up {drafter.name}", unit="tok", disable=not progress, leave=False)
 
     def decode(eng: Engine, group: list[list[int]], state) -> Generation:
         done = [0]
 
         def stream(outs):
-            bar.update(max(map(len, outs)) - done[0])
-            done[0] = max(map(len, outs))
+            longest = max(map(len, outs))
+            bar.update(longest - done[0])
+            done[0] = longest
 
         gen = generate(eng, params, group, max_new_tokens, weights=weights, carry=state, cache_size=size,
                        stream=stream if progress else None)
